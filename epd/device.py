@@ -73,3 +73,11 @@ def synchronize() -> None:
         torch.cuda.synchronize(dev)
     elif dev.type == "npu":
         torch.npu.synchronize()  # type: ignore[attr-defined]
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """``"float32"`` → ``torch.float32``. Raises ``KeyError`` for an unsupported name."""
+    return DTYPES[name.removeprefix("torch.")]

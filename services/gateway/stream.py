@@ -1,0 +1,98 @@
+"""A request's token stream at the gateway: reordering, failures, timeouts, detokenization."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from epd.wire.gen import epd_pb2 as pb
+from services.gateway.protocol import ApiError
+
+_STATUS = {pb.INVALID_REQUEST: 400, pb.UNAVAILABLE: 503, pb.TIMEOUT: 504, pb.INTERNAL: 500,
+           pb.OUT_OF_CAPACITY: 503}
+_TYPE = {400: "invalid_request_error", 503: "service_unavailable", 504: "timeout", 500: "internal_error"}
+
+
+class TokenStream:
+    """Turns ``TokenDelta`` / ``RequestFailed`` messages into ordered batches of token ids.
+
+    The first token comes from prefill and the rest from decode over different
+    connections, so deltas are reordered by ``offset`` before they are released.
+
+    Args:
+        queue: the request's message queue (``(payload field, message)`` items).
+        deadline: ``time.monotonic()`` value after which the request fails with 504.
+
+    Raises (from iteration):
+        ApiError: the pipeline reported a failure (status from its code) or the deadline passed.
+    """
+
+    def __init__(self, queue: asyncio.Queue, deadline: float) -> None:
+        self.queue = queue
+        self.deadline = deadline
+        self.token_ids: list[int] = []
+        self.finish_reason: str | None = None
+        self.num_prompt_tokens = 0
+        self._pending: dict[int, pb.TokenDelta] = {}
+        self.done = False
+
+    async def _message(self):
+        timeout = self.deadline - time.monotonic()
+        if timeout <= 0:
+            raise ApiError(504, "request timed out", type_="timeout")
+        try:
+            return await asyncio.wait_for(self.queue.get(), timeout)
+        except TimeoutError:
+            raise ApiError(504, "request timed out waiting for the pipeline", type_="timeout") from None
+
+    async def next(self) -> list[int] | None:
+        """The next in-order token ids, or ``None`` once finished."""
+        while not self.done:
+            delta = self._pending.pop(len(self.token_ids), None)
+            if delta is not None:
+                self.token_ids.extend(delta.token_ids)
+                if delta.finished:
+                    self.done = True
+                    self.finish_reason = delta.finish_reason or "stop"
+                return list(delta.token_ids)
+            field, msg = await self._message()
+            if field == "request_failed":
+                status = _STATUS.get(msg.code, 500)
+                raise ApiError(status, f"{msg.stage}: {msg.message}", type_=_TYPE.get(status, "error"))
+            if field == "token_delta":
+                self.num_prompt_tokens = msg.num_prompt_tokens or self.num_prompt_tokens
+                self._pending[msg.offset] = msg
+        return None
+
+    async def first(self) -> list[int]:
+        ids = await self.next()
+        assert ids is not None
+        return ids
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> list[int]:
+        ids = await self.next()
+        if ids is None:
+            raise StopAsyncIteration
+        return ids
+
+
+class Detokenizer:
+    """Incremental detokenization: returns only the new text per batch of ids, holding back
+    an incomplete UTF-8 sequence (decoded as U+FFFD) until the next token completes it."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.text = ""
+
+    def add(self, token_ids: list[int]) -> str:
+        self.ids.extend(token_ids)
+        full = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if full.endswith("\ufffd"):
+            return ""
+        delta = full[len(self.text):] if full.startswith(self.text) else full
+        self.text = full
+        return delta
