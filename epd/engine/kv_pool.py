@@ -102,7 +102,7 @@ class BlockAllocator:
     def free(self, ids: list[int]) -> None:
         """Return blocks. Raises ``ValueError`` on a block that is not in use (double free)."""
         bad = [i for i in ids if i not in self.used_ids]
-        if bad:
+        if bad or len(set(ids)) != len(ids):
             raise ValueError(f"freeing KV blocks not in use: {bad}")
         for i in ids:
             self.used_ids.remove(i)

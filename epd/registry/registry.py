@@ -183,14 +183,14 @@ class Heartbeat(threading.Thread):
         super().__init__(name=f"heartbeat-{info.instance_id}", daemon=True)
         self.registry, self.info, self.load_fn = registry, info, load_fn
         self.period_s, self.ttl_s = period_s, ttl_s
-        self._stop = threading.Event()
+        self._halt = threading.Event()
 
     def beat(self) -> None:
         self.info.load = self.load_fn()
         self.registry.put_instance(self.info, self.ttl_s)
 
     def run(self) -> None:
-        while not self._stop.wait(self.period_s):
+        while not self._halt.wait(self.period_s):
             try:
                 self.beat()
             except Exception:  # keep beating; a Redis blip must not kill the instance
@@ -198,7 +198,7 @@ class Heartbeat(threading.Thread):
 
     def stop(self, deregister: bool = True) -> None:
         """Stop beating and (by default) remove the entry at once."""
-        self._stop.set()
+        self._halt.set()
         if self.is_alive():
             self.join(timeout=self.period_s + 1)
         if deregister:
