@@ -1,0 +1,116 @@
+import asyncio
+import base64
+import io
+
+import pytest
+from PIL import Image
+
+from epd.registry.registry import InstanceInfo
+from epd.wire.gen import epd_pb2 as pb
+from services.gateway.media import MediaError, check_image_bytes, load_image_url
+from services.gateway.protocol import ApiError
+from services.gateway.router import NoInstance, Router
+from services.gateway.stream import TokenStream
+
+
+def _png(w=32, h=16) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (w, h), (10, 200, 30)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_media_hash_and_header_size():
+    data = _png(32, 16)
+    img = load_image_url("data:image/png;base64," + base64.b64encode(data).decode(), 10_000)
+    assert (img.width, img.height) == (32, 16)
+    import hashlib
+
+    assert img.mm_hash == hashlib.sha256(data).hexdigest()
+
+
+@pytest.mark.parametrize("bad", [
+    b"not an image at all",
+    _png()[:40],                # truncated PNG
+    b"",
+])
+def test_media_rejects_non_images_and_truncation(bad):
+    with pytest.raises(MediaError):
+        check_image_bytes(bad, 10_000)
+
+
+def test_media_rejects_too_many_pixels_before_decoding():
+    with pytest.raises(MediaError, match="exceeds"):
+        check_image_bytes(_png(200, 100), 10_000)
+
+
+def test_media_rejects_bad_urls():
+    with pytest.raises(MediaError):
+        load_image_url("http://example.invalid/a.png", 10)
+    with pytest.raises(MediaError):
+        load_image_url("data:image/png;base64,@@@", 10)
+
+
+def _inst(iid, role, **load):
+    cap = {"block_size": 16} if role == "decode" else {}
+    return InstanceInfo(iid, [role], f"tcp://{iid}", capacity=cap, load=load)
+
+
+def test_router_least_loaded_with_inflight_and_room():
+    r = Router()
+    r.update([
+        _inst("e0", "encoder", queued_patches=0), _inst("e1", "encoder", queued_patches=0),
+        _inst("p0", "prefill", queued_tokens=100), _inst("p1", "prefill", queued_tokens=0),
+        _inst("d0", "decode", running=0, free_blocks=1), _inst("d1", "decode", running=5, free_blocks=100),
+    ])
+    plan = r.plan(num_prompt_tokens=40, max_tokens=10, image_patches=[64, 64])
+    assert plan.route == "encode"
+    assert plan.prefill.instance_id == "p1"
+    assert plan.decode.instance_id == "d1"  # d0 is idle but has no room for 50 tokens
+    assert plan.encoders == {"e0": [0], "e1": [1]}  # split across encoders
+    assert r.inflight["p1"] == 40
+    r.release(plan)
+    assert r.inflight["p1"] == 0 and r.inflight["e0"] == 0
+    text = r.plan(5, 5, [])
+    assert text.route == "text" and text.encoders == {}
+
+
+def test_router_no_instance():
+    r = Router()
+    r.update([_inst("p0", "prefill")])
+    with pytest.raises(NoInstance, match="decode"):
+        r.plan(5, 5, [])
+
+
+def test_token_stream_reorders_and_finishes():
+    async def run():
+        q = asyncio.Queue()
+        q.put_nowait(("token_delta", pb.TokenDelta(request_id="r", token_ids=[8], offset=1)))
+        q.put_nowait(("token_delta", pb.TokenDelta(request_id="r", token_ids=[7], offset=0)))
+        q.put_nowait(("token_delta", pb.TokenDelta(request_id="r", token_ids=[9], offset=2, finished=True,
+                                                   finish_reason="length")))
+        s = TokenStream(q, deadline=asyncio.get_running_loop().time() + 5)
+        got = [ids async for ids in s]
+        return got, s.token_ids, s.finish_reason
+
+    got, ids, reason = asyncio.run(run())
+    assert got == [[7], [8], [9]] and ids == [7, 8, 9] and reason == "length"
+
+
+def test_token_stream_maps_failures_and_timeouts():
+    import time
+
+    async def failed():
+        q = asyncio.Queue()
+        q.put_nowait(("request_failed", pb.RequestFailed(request_id="r", code=pb.TIMEOUT, stage="decode")))
+        await TokenStream(q, deadline=time.monotonic() + 5).next()
+
+    with pytest.raises(ApiError) as exc:
+        asyncio.run(failed())
+    assert exc.value.status == 504
+
+    async def silent():
+        await TokenStream(asyncio.Queue(), deadline=time.monotonic() + 0.05).next()
+
+    with pytest.raises(ApiError) as exc:
+        asyncio.run(silent())
+    assert exc.value.status == 504
