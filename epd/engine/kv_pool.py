@@ -25,8 +25,6 @@ from epd import device
 from epd.device import torch_dtype as to_torch_dtype
 
 
-
-
 class OutOfBlocks(RuntimeError):
     """Not enough free KV blocks for the request."""
 

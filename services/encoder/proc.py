@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from PIL import Image
 
 from epd.config import EncoderConfig
-from epd.engine.region_alloc import RegionFull
 from epd.device import torch_dtype
+from epd.engine.region_alloc import RegionFull
 from epd.models.qwen2_vl import Qwen2VLAdapter
 from epd.registry.registry import FeatureEntry, RegistryError
 from epd.service import ServiceProc

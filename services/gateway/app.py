@@ -27,15 +27,18 @@ from epd.wire.sockets import PeerUnavailable, WireTap
 from services.gateway.engine_client import EngineClient
 from services.gateway.prompt import Prompt, PromptBuilder
 from services.gateway.protocol import (
-    ApiError, ChatCompletionRequest, chat_chunk, chat_completion, new_id, usage,
+    ApiError,
+    ChatCompletionRequest,
+    chat_chunk,
+    chat_completion,
+    new_id,
+    usage,
 )
 from services.gateway.router import NoInstance, Plan, Router
 from services.gateway.stream import Detokenizer, TokenStream
 
 logger = logging.getLogger(__name__)
 
-ERROR_STATUS = {pb.INVALID_REQUEST: 400, pb.UNAVAILABLE: 503, pb.TIMEOUT: 504, pb.INTERNAL: 500,
-                pb.OUT_OF_CAPACITY: 503}
 CONFIG_KEY = web.AppKey("config", GatewayConfig)
 GATEWAY_KEY = web.AppKey("gateway", object)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from transformers import AutoTokenizer
 
-from epd.models.qwen2_vl import ImageGeometry
+from epd.models.geometry import ImageGeometry
 from services.gateway.media import ImageInput, MediaError, load_image_url
 from services.gateway.protocol import ApiError, ChatMessage
 

@@ -1,0 +1,87 @@
+"""Start a whole deployment as real processes on loopback (used by the e2e tests)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class Cluster:
+    url: str
+    procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+    logs: dict[str, Path] = field(default_factory=dict)
+    tap: Path | None = None
+
+    def log(self, name: str) -> str:
+        return self.logs[name].read_text(errors="replace")
+
+    def stop(self, timeout: float = 20) -> dict[str, int]:
+        """SIGTERM every process; returns exit codes (kills stragglers)."""
+        for p in self.procs.values():
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        codes = {}
+        for name, p in self.procs.items():
+            try:
+                codes[name] = p.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                codes[name] = p.wait()
+        return codes
+
+
+def start_cluster(
+    tmp: Path, redis_url: str, model: Path, *, encoders: int = 1, prefills: int = 1, decodes: int = 1,
+    backend: str = "mooncake", extra_env: dict[str, str] | None = None, timeout: float = 120,
+) -> Cluster:
+    from tests.conftest import free_port
+
+    port = free_port()
+    tap = tmp / "wire.tap"
+    env = {
+        **os.environ, "EPD_REDIS_URL": redis_url, "EPD_MODEL": str(model), "EPD_TRANSFER_BACKEND": backend,
+        "EPD_GATEWAY_PORT": str(port), "EPD_WIRE_TAP": str(tap), "EPD_TORCH_THREADS": "1",
+        "EPD_HEARTBEAT_S": "0.5", "EPD_REGISTRY_REFRESH_S": "0.2", "EPD_KV_MEMORY_MB": "64",
+        "EPD_FEATURE_POOL_MB": "64", "EPD_PREFILL_BUFFER_MB": "64", "PYTHONUNBUFFERED": "1",
+        **(extra_env or {}),
+    }
+    cluster = Cluster(url=f"http://127.0.0.1:{port}", tap=tap)
+    roles = [("encoder", encoders), ("prefill", prefills), ("decode", decodes), ("gateway", 1)]
+    for role, count in roles:
+        for i in range(count):
+            name = f"{role}-{i}"
+            log = tmp / f"{name}.log"
+            cluster.logs[name] = log
+            cluster.procs[name] = subprocess.Popen(
+                [sys.executable, "-m", f"services.{role}"], cwd=ROOT,
+                env={**env, "EPD_INSTANCE_ID": name}, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
+            )
+    deadline = time.monotonic() + timeout
+    want = {"encoder": encoders, "prefill": prefills, "decode": decodes}
+    while time.monotonic() < deadline:
+        dead = {n: p.returncode for n, p in cluster.procs.items() if p.poll() is not None}
+        if dead:
+            cluster.stop()
+            logs = "\n".join(f"--- {n}\n{cluster.log(n)[-3000:]}" for n in dead)
+            raise RuntimeError(f"processes exited during start-up: {dead}\n{logs}")
+        try:
+            with urllib.request.urlopen(f"{cluster.url}/health", timeout=2) as resp:
+                counts = json.loads(resp.read())["instances"]
+            if all(counts.get(r, 0) >= n for r, n in want.items()):
+                return cluster
+        except Exception:
+            pass
+        time.sleep(0.3)
+    cluster.stop()
+    raise RuntimeError("cluster not healthy in time:\n" + "\n".join(
+        f"--- {n}\n{cluster.log(n)[-2000:]}" for n in cluster.procs))
