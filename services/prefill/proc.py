@@ -177,6 +177,8 @@ class PrefillProc(ServiceProc):
             self.staging.free(off)
         state.features[msg.index] = feats
         state.grids[msg.index] = tuple(msg.grid_thw)
+        logger.info("request %s: read %d feature bytes of image %d from %s",
+                    state.request_id, ref.nbytes, msg.index, msg.encoder_instance)
 
     def _write_kv(self, state: PrefillState, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> int:
         """Stage the prompt KV in decode's block geometry and WRITE it into decode's blocks."""
