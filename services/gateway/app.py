@@ -14,6 +14,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
+import signal
 import time
 from pathlib import Path
 
@@ -75,9 +77,13 @@ class Gateway:
         self.router.update(snapshot)
 
     async def _refresh_loop(self) -> None:
+        parent = os.getppid()
         while True:
             await asyncio.sleep(self.cfg.registry_refresh_s)
             await self.refresh()
+            if os.getppid() != parent:  # launcher died: shut down instead of lingering
+                logger.error("parent process exited, shutting down")
+                os.kill(os.getpid(), signal.SIGTERM)
 
     # -- request handling ----------------------------------------------------------------
     def parse(self, raw: bytes) -> ChatCompletionRequest:
