@@ -127,7 +127,6 @@ def main() -> None:
     gen(2)  # warm-up
     base_ttft = [gen(1) for _ in range(args.reps)]
     base_total = [gen(args.max_tokens) for _ in range(args.reps)]
-    del model
 
     proc = None
     url = args.url
