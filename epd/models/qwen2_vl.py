@@ -179,6 +179,31 @@ class Qwen2VLAdapter:
                 from its grid's token count; the number of ``<|image_pad|>`` tokens differs from
                 the total feature rows.
         """
+        embeds, position_ids, rope_delta = self.prompt_inputs(input_ids, image_features, image_grids)
+        embeds, position_ids = embeds[None], position_ids[:, None, :]
+        cache = self.make_cache([])
+        logits = self._forward(embeds, position_ids, cache)
+        return PrefillOutput(logits=logits, kv=self.read_cache(cache), rope_delta=rope_delta)
+
+    @torch.no_grad()
+    def prompt_inputs(
+        self,
+        input_ids: list[int],
+        image_features: list[torch.Tensor],
+        image_grids: list[tuple[int, int, int]],
+    ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Input embeddings with image features scattered in, and 3-D M-RoPE positions.
+
+        Follows ``Qwen2VLModel.forward``: text embeddings, features ``masked_scatter``-ed into
+        the ``<|image_pad|>`` positions in order, positions from ``Qwen2VLModel.get_rope_index``.
+
+        Returns:
+            ``(embeds [seq_len, hidden] adapter dtype, positions [3, seq_len] int64, rope_delta)``;
+            generated token ``i`` (0-based, after the prompt) sits at ``seq_len + i + rope_delta``.
+
+        Raises:
+            ValueError: as :meth:`prefill`.
+        """
         if not input_ids:
             raise ValueError("prefill needs at least one input token")
         ids = torch.tensor([input_ids], dtype=torch.long, device=self.device)
@@ -197,9 +222,7 @@ class Qwen2VLAdapter:
         else:
             position_ids = torch.arange(len(input_ids), device=self.device).view(1, 1, -1).expand(3, 1, -1)
             rope_delta = 0
-        cache = self.make_cache([])
-        logits = self._forward(embeds, position_ids, cache)
-        return PrefillOutput(logits=logits, kv=self.read_cache(cache), rope_delta=rope_delta)
+        return embeds[0], position_ids[:, 0, :], rope_delta
 
     def _check_images(
         self, n_placeholders: int, features: list[torch.Tensor], grids: list[tuple[int, int, int]]

@@ -1,0 +1,159 @@
+"""Packed prefill and paged, batched decode for the Qwen2-VL language model.
+
+The serving engine's forward passes, written over the weights of a loaded HF
+``Qwen2VLForConditionalGeneration`` (its ``Qwen2VLTextModel`` layers, norms, rotary embedding
+and ``lm_head``), following ``Qwen2VLDecoderLayer.forward`` / ``Qwen2VLAttention.forward``:
+pre-norm attention with GQA and biased q/k/v projections, M-RoPE (3-D positions,
+recomposed by ``Qwen2VLRotaryEmbedding``), SiLU-gated MLP.
+
+- :meth:`Qwen2VLRunner.prefill` packs several prompts into one sequence with a
+  block-diagonal causal mask (no padding) and calls ``on_layer(layer, k, v)`` as soon as a
+  layer's K/V exist, so the caller can ship KV layer group by layer group while later layers
+  still compute (EPD-Serve §3.3).
+- :meth:`Qwen2VLRunner.decode` runs one token for every request of a batch against the KV
+  block pool (``epd.engine.kv_pool`` layout), writing the new token's K/V into its slot
+  first. A step touches only the blocks of the requests in it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from epd.models.qwen2_vl import Qwen2VLAdapter
+
+LayerCallback = Callable[[int, torch.Tensor, torch.Tensor], None]
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding as HF's ``apply_rotary_pos_emb``: ``x [T, heads, D]``, ``cos/sin [T, D]``."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, None, :] + rotated * sin[:, None, :]
+
+
+class Qwen2VLRunner:
+    """Engine forward passes over an adapter's LM weights (shared, not copied).
+
+    Args:
+        adapter: a loaded :class:`Qwen2VLAdapter`.
+    """
+
+    def __init__(self, adapter: Qwen2VLAdapter) -> None:
+        lm = adapter.model.model.language_model
+        self.adapter = adapter
+        self.embed_tokens = lm.embed_tokens
+        self.layers = list(lm.layers)
+        self.norm = lm.norm
+        self.rotary = lm.rotary_emb
+        self.lm_head = adapter.model.lm_head
+        text = adapter.model.config.text_config
+        self.num_heads = text.num_attention_heads
+        self.num_kv_heads = adapter.num_kv_heads
+        self.head_dim = adapter.head_dim
+        self.scaling = self.head_dim**-0.5
+        self.device = adapter.device
+        self.dtype = adapter.dtype
+
+    # ------------------------------------------------------------------------------ shared
+    def _qkv(self, layer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        attn = layer.self_attn
+        t = h.shape[0]
+        q = _rope(attn.q_proj(h).view(t, self.num_heads, self.head_dim), cos, sin)
+        k = _rope(attn.k_proj(h).view(t, self.num_kv_heads, self.head_dim), cos, sin)
+        v = attn.v_proj(h).view(t, self.num_kv_heads, self.head_dim)
+        return q, k, v
+
+    def _finish_layer(self, layer, x: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
+        x = x + layer.self_attn.o_proj(attn_out.reshape(x.shape[0], -1))
+        return x + layer.mlp(layer.post_attention_layernorm(x))
+
+    def _cos_sin(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cos, sin = self.rotary(x[None], positions[:, None, :])  # [1, T, D]
+        return cos[0], sin[0]
+
+    # ------------------------------------------------------------------------------ prefill
+    @torch.no_grad()
+    def prefill(
+        self, embeds: torch.Tensor, positions: torch.Tensor, seq_lens: list[int], on_layer: LayerCallback | None = None
+    ) -> torch.Tensor:
+        """One forward over several packed prompts.
+
+        Args:
+            embeds: ``[T, hidden]`` input embeddings of all prompts, concatenated
+                (``T = sum(seq_lens)``), images already scattered in (:meth:`Qwen2VLAdapter.prompt_inputs`).
+            positions: ``[3, T]`` int64 M-RoPE positions, each prompt's own.
+            seq_lens: tokens per prompt, in order.
+            on_layer: called after each layer's K/V are computed as ``on_layer(layer_index, k, v)``,
+                ``k, v`` ``[T, num_kv_heads, head_dim]`` (K after RoPE, as cached).
+
+        Returns:
+            ``[len(seq_lens), vocab]`` next-token logits at each prompt's last position.
+        """
+        total = embeds.shape[0]
+        seq_ids = torch.repeat_interleave(
+            torch.arange(len(seq_lens), device=self.device), torch.tensor(seq_lens, device=self.device)
+        )
+        idx = torch.arange(total, device=self.device)
+        mask = (seq_ids[:, None] == seq_ids[None, :]) & (idx[None, :] <= idx[:, None])  # [T, T]
+        cos, sin = self._cos_sin(embeds, positions)
+        x = embeds
+        for i, layer in enumerate(self.layers):
+            q, k, v = self._qkv(layer, layer.input_layernorm(x), cos, sin)
+            if on_layer is not None:
+                on_layer(i, k, v)
+            out = F.scaled_dot_product_attention(
+                q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+                attn_mask=mask[None, None], scale=self.scaling, enable_gqa=True,
+            )  # [1, heads, T, D]
+            x = self._finish_layer(layer, x, out[0].transpose(0, 1))
+        last = torch.tensor(seq_lens, device=self.device).cumsum(0) - 1
+        return self.lm_head(self.norm(x[last]))
+
+    # ------------------------------------------------------------------------------ decode
+    @torch.no_grad()
+    def decode(
+        self,
+        token_ids: torch.Tensor,
+        rope_positions: torch.Tensor,
+        kv: torch.Tensor,
+        block_tables: torch.Tensor,
+        slots: torch.Tensor,
+    ) -> torch.Tensor:
+        """One decode step for a batch of requests against the paged KV pool.
+
+        Args:
+            token_ids: ``[B]`` int64, each request's last sampled token.
+            rope_positions: ``[B]`` int64, ``past_len + rope_delta`` (all three M-RoPE axes
+                are equal for generated tokens).
+            kv: the pool, ``[layers, 2, num_blocks, block_size, kv_heads, head_dim]``.
+            block_tables: ``[B, max_blocks]`` int64 block ids (rows padded with any valid id).
+            slots: ``[B]`` int64 cache index of the new token (= past_len); the request's
+                context is slots ``0..slot`` inclusive.
+
+        Returns:
+            ``[B, vocab]`` logits.
+        """
+        bsz = token_ids.shape[0]
+        block_size = kv.shape[3]
+        max_len = block_tables.shape[1] * block_size
+        x = self.embed_tokens(token_ids)  # [B, hidden]
+        cos, sin = self._cos_sin(x, rope_positions.view(1, -1).expand(3, -1))
+        rows = torch.arange(bsz, device=self.device)
+        slot_blocks = block_tables[rows, slots // block_size]
+        slot_offsets = slots % block_size
+        visible = torch.arange(max_len, device=self.device)[None, :] <= slots[:, None]  # [B, L]
+        mask = visible[:, None, None, :]
+        for i, layer in enumerate(self.layers):
+            q, k, v = self._qkv(layer, layer.input_layernorm(x), cos, sin)
+            kv[i, 0, slot_blocks, slot_offsets] = k
+            kv[i, 1, slot_blocks, slot_offsets] = v
+            keys = kv[i, 0][block_tables].view(bsz, max_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
+            values = kv[i, 1][block_tables].view(bsz, max_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
+            out = F.scaled_dot_product_attention(
+                q[:, :, None, :], keys, values, attn_mask=mask, scale=self.scaling, enable_gqa=True
+            )  # [B, heads, 1, D]
+            x = self._finish_layer(layer, x, out[:, :, 0, :])
+        return self.lm_head(self.norm(x))
