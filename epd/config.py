@@ -43,6 +43,21 @@ class CommonConfig(_Base):
     torch_threads: int = Field(0, ge=0)  # 0 = torch's default
     log_level: str = "INFO"
     wire_tap: Path | None = None  # append one line per sent message (type, frame bytes) — for tests
+    roles: str = ""  # roles hosted by `python -m services`: "encoder,prefill", "E,P", "EP" (epd.topology)
+    advertise_host: str = ""  # address peers use; "" = EPD_HOST, or this host's IP when EPD_HOST is 0.0.0.0
+    admin_port: int = Field(0, ge=0, le=65535)  # gRPC health + admin service; 0 = any free port
+    drain_timeout_s: float = Field(30.0, gt=0)  # SIGTERM/drain: in-flight requests get this long, then fail
+    drain_grace_s: float = Field(1.0, ge=0)  # after deregistering, keep serving at least this long
+    redis_retry_s: float = Field(10.0, ge=0)  # keep retrying an unreachable Redis this long at start
+
+    @field_validator("roles")
+    @classmethod
+    def _roles_known(cls, v: str) -> str:
+        if v:
+            from epd.topology import parse_roles
+
+            parse_roles(v)  # raises ValueError naming the unknown role
+        return v
 
     @field_validator("model")
     @classmethod
@@ -74,6 +89,8 @@ class PrefillConfig(CommonConfig):
     """Prefill: LLM prompt pass; features in, KV out."""
 
     prefill_buffer_mb: int = Field(256, gt=0)  # registered region for fetched features and KV staging
+    prefill_max_tokens: int = Field(4096, gt=0)  # token budget of one packed prefill batch
+    kv_layer_group: int = Field(2, ge=0)  # layers per KV transfer group; 0 = after the whole forward
 
 
 class DecodeConfig(CommonConfig):
@@ -82,6 +99,7 @@ class DecodeConfig(CommonConfig):
     kv_blocks: int = Field(0, ge=0)  # 0 = derive from kv_memory_mb
     kv_block_size: int = Field(16, gt=0)  # tokens per block
     kv_memory_mb: int = Field(256, gt=0)
+    decode_max_batch: int = Field(64, gt=0)  # requests per decode step
 
 
 class GatewayConfig(_Base):
@@ -103,6 +121,19 @@ class GatewayConfig(_Base):
     default_max_tokens: int = Field(256, gt=0)
     log_level: str = "INFO"
     wire_tap: Path | None = None
+    api_key: str = ""  # when set, /v1/* needs ``Authorization: Bearer <key>``
+    allowed_media_dir: Path | None = None  # image_url file:// or absolute paths only under this directory
+    allow_remote_media: bool = False  # fetch http(s) image_url (size and time limits below)
+    max_image_mb: int = Field(20, gt=0)  # largest local or remote image file
+    media_fetch_timeout_s: float = Field(10.0, gt=0)  # whole download of one remote image
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # the stages' EPD_DTYPE (derived byte metrics)
+
+    @field_validator("allowed_media_dir")
+    @classmethod
+    def _media_dir_exists(cls, v: Path | None) -> Path | None:
+        if v is not None and not v.is_dir():
+            raise ValueError(f"{v} is not a directory")
+        return v.resolve() if v is not None else None
 
 
 class LauncherConfig(_Base):
@@ -119,6 +150,17 @@ class LauncherConfig(_Base):
     device: str = "cpu"
     startup_timeout_s: float = Field(180.0, gt=0)
     log_level: str = "INFO"
+    drain_timeout_s: float = Field(30.0, gt=0)  # stopping: processes get this long (+5 s) before SIGKILL
+    topology: str = ""  # e.g. "E-P-D", "EP-D", "(E-P)-D", "2E-1P-1D" (epd.topology); overrides the counts
+
+    @field_validator("topology")
+    @classmethod
+    def _topology_valid(cls, v: str) -> str:
+        if v:
+            from epd.topology import parse_topology
+
+            parse_topology(v)  # raises ValueError saying what is wrong
+        return v
 
 
 def load(cls: type[_Base], **overrides: object) -> _Base:

@@ -179,6 +179,17 @@ class KvPool:
                 padded[:n] = t.transpose(0, 1)
                 self.kv[layer, kv_i, ids] = padded.view(nb, bs, t.shape[0], t.shape[2]).to(self.kv.dtype)
 
+    def write_prefix(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store one layer of a request that owns blocks ``0..`` of this pool (a staging pool).
+
+        ``k, v`` are ``[num_tokens, num_kv_heads, head_dim]``.
+        """
+        n = k.shape[0]
+        nb = self.layout.blocks_for(n)
+        flat = (nb * self.layout.block_size, self.layout.num_kv_heads, self.layout.head_dim)
+        self.kv[layer, 0, :nb].view(flat)[:n] = k
+        self.kv[layer, 1, :nb].view(flat)[:n] = v
+
     def gather(self, block_ids: list[int], num_tokens: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """A request's KV per layer: ``(k, v)`` each ``[num_kv_heads, num_tokens, head_dim]`` (copies)."""
         ids = torch.tensor(block_ids, dtype=torch.long, device=self.kv.device)

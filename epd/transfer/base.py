@@ -31,13 +31,21 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 
 logger = logging.getLogger(__name__)
 
 Op = Literal["write", "read"]
+
+
+class Segments(NamedTuple):
+    """A batch of byte segments: segment ``i`` is ``(local_offsets[i], remote_offsets[i], lengths[i])``."""
+
+    local_offsets: list[int]
+    remote_offsets: list[int]
+    lengths: list[int]
 
 
 class TransferError(RuntimeError):
@@ -99,10 +107,17 @@ class TransferFuture:
         self.nbytes = nbytes
         inner.add_done_callback(self._on_done)
 
+    @classmethod
+    def completed(cls, nbytes: int) -> TransferFuture:
+        """A future for an operation that already succeeded inline."""
+        inner: cf.Future = cf.Future()
+        inner.set_result(None)
+        return cls(inner, nbytes, timeout_s=float("inf"))
+
     def _on_done(self, _inner: cf.Future) -> None:
         self._end = time.monotonic()
         if self._end > self._deadline and self._failed_reason is None:
-            self._failed_reason = "transfer finished %.3f s after its deadline" % (self._end - self._deadline)
+            self._failed_reason = f"transfer finished {self._end - self._deadline:.3f} s after its deadline"
 
     @property
     def state(self) -> TransferState:
@@ -113,8 +128,7 @@ class TransferFuture:
                 return TransferState.FAILED
             return TransferState.SUCCESS
         if time.monotonic() > self._deadline:
-            self._failed_reason = "transfer of %d bytes not done within its %.3f s timeout" % (
-                self.nbytes, self._timeout_s)
+            self._failed_reason = f"transfer of {self.nbytes} bytes not done within its {self._timeout_s:.3f} s timeout"
             return TransferState.FAILED
         return TransferState.PENDING
 
@@ -147,11 +161,11 @@ class TransferFuture:
         except cf.TimeoutError:
             if self.state is TransferState.FAILED:
                 raise TransferError(self._failed_reason) from None
-            raise TransferError("transfer of %d bytes not done after waiting %.3f s" % (self.nbytes, budget)) from None
+            raise TransferError(f"transfer of {self.nbytes} bytes not done after waiting {budget:.3f} s") from None
         except TransferError:
             raise
         except Exception as exc:  # a backend bug must still surface as a failed transfer
-            raise TransferError("transfer failed: %r" % (exc,)) from exc
+            raise TransferError(f"transfer failed: {exc!r}") from exc
         if self._failed_reason is not None:
             raise TransferError(self._failed_reason)
 
@@ -186,28 +200,26 @@ def merge_segments(
 def _check_lists(local_offsets: list[int], remote_offsets: list[int], lengths: list[int]) -> None:
     if not len(local_offsets) == len(remote_offsets) == len(lengths):
         raise TransferError(
-            "segment lists differ in length: %d local, %d remote, %d lengths"
-            % (len(local_offsets), len(remote_offsets), len(lengths))
+            f"segment lists differ in length: {len(local_offsets)} local, {len(remote_offsets)} remote, "
+            f"{len(lengths)} lengths"
         )
     for x in (*local_offsets, *remote_offsets, *lengths):
         if x < 0:
-            raise TransferError("negative offset or length %d" % x)
+            raise TransferError(f"negative offset or length {x}")
 
 
 def check_bounds(offsets: list[int], lengths: list[int], size: int, side: str) -> None:
     """Raise :class:`TransferError` if any ``[offset, offset + length)`` exceeds ``size`` bytes."""
     for off, n in zip(offsets, lengths, strict=True):
         if off + n > size:
-            raise TransferError(
-                "%s segment [%d, %d) is outside the %d-byte region" % (side, off, off + n, size)
-            )
+            raise TransferError(f"{side} segment [{off}, {off + n}) is outside the {size}-byte region")
 
 
 class TransferBackend(abc.ABC):
     """Allocate registered regions; move batched byte segments to/from peers' regions.
 
-    Subclasses implement ``_allocate``, ``_free``, ``_remote_nbytes`` and ``_transfer``;
-    this class validates arguments, enforces deadlines and keeps the stats.
+    Subclasses implement ``_allocate``, ``_free``, ``_remote_nbytes``, ``_transfer`` and
+    ``_close_backend``; this class validates arguments, enforces deadlines, keeps stats.
 
     Args:
         timeout_s: deadline of every operation in seconds.
@@ -220,7 +232,7 @@ class TransferBackend(abc.ABC):
 
     def __init__(self, timeout_s: float = 5.0, watchdog: bool = False, workers: int = 4) -> None:
         if timeout_s <= 0:
-            raise ValueError("timeout_s must be > 0, got %r" % (timeout_s,))
+            raise ValueError(f"timeout_s must be > 0, got {timeout_s!r}")
         self.timeout_s = timeout_s
         self.stats = TransferStats()
         self._watchdog = watchdog
@@ -238,7 +250,7 @@ class TransferBackend(abc.ABC):
             TransferError: the backend is closed or registration failed.
         """
         if nbytes <= 0:
-            raise ValueError("nbytes must be > 0, got %r" % (nbytes,))
+            raise ValueError(f"nbytes must be > 0, got {nbytes!r}")
         self._ensure_open()
         region = self._allocate(nbytes, name_hint)
         with self._lock:
@@ -247,15 +259,19 @@ class TransferBackend(abc.ABC):
         return region
 
     def free(self, region: Region) -> None:
-        """Unregister and release one region allocated here (no-op if already freed)."""
+        """Unregister and release one region allocated here (no-op if already freed).
+
+        Operations still in flight on it may fail; ``region.tensor`` stays valid memory.
+        """
         with self._lock:
             if not any(r is region for r in self._regions):
                 return
             self._regions = [r for r in self._regions if r is not region]
         self._free(region)
 
-    def write(self, local: Region, remote_handle: str, local_offsets: list[int],
-              remote_offsets: list[int], lengths: list[int]) -> None:
+    def write(
+        self, local: Region, remote_handle: str, local_offsets: list[int], remote_offsets: list[int], lengths: list[int]
+    ) -> None:
         """Copy local segments into the peer's region: ``remote[ro:ro+n] = local[lo:lo+n]``.
 
         All offsets and lengths are in bytes; segment ``i`` is
@@ -265,26 +281,29 @@ class TransferBackend(abc.ABC):
             TransferError: bad handle, out-of-bounds segment (before any byte moves), dead
                 peer, or no completion within ``timeout_s``.
         """
-        self._run_sync("write", local, remote_handle, local_offsets, remote_offsets, lengths)
+        self._start("write", local, remote_handle, Segments(local_offsets, remote_offsets, lengths), True)
 
-    def read(self, local: Region, remote_handle: str, local_offsets: list[int],
-             remote_offsets: list[int], lengths: list[int]) -> None:
+    def read(
+        self, local: Region, remote_handle: str, local_offsets: list[int], remote_offsets: list[int], lengths: list[int]
+    ) -> None:
         """Copy the peer's segments into the local region: ``local[lo:lo+n] = remote[ro:ro+n]``.
 
         Raises:
             TransferError: as :meth:`write`.
         """
-        self._run_sync("read", local, remote_handle, local_offsets, remote_offsets, lengths)
+        self._start("read", local, remote_handle, Segments(local_offsets, remote_offsets, lengths), True)
 
-    def write_async(self, local: Region, remote_handle: str, local_offsets: list[int],
-                    remote_offsets: list[int], lengths: list[int]) -> TransferFuture:
+    def write_async(
+        self, local: Region, remote_handle: str, local_offsets: list[int], remote_offsets: list[int], lengths: list[int]
+    ) -> TransferFuture:
         """Start :meth:`write`; validation errors raise here, transfer errors on ``wait``."""
-        return self._submit("write", local, remote_handle, local_offsets, remote_offsets, lengths)
+        return self._start("write", local, remote_handle, Segments(local_offsets, remote_offsets, lengths), False)
 
-    def read_async(self, local: Region, remote_handle: str, local_offsets: list[int],
-                   remote_offsets: list[int], lengths: list[int]) -> TransferFuture:
+    def read_async(
+        self, local: Region, remote_handle: str, local_offsets: list[int], remote_offsets: list[int], lengths: list[int]
+    ) -> TransferFuture:
         """Start :meth:`read`; validation errors raise here, transfer errors on ``wait``."""
-        return self._submit("read", local, remote_handle, local_offsets, remote_offsets, lengths)
+        return self._start("read", local, remote_handle, Segments(local_offsets, remote_offsets, lengths), False)
 
     def close(self) -> None:
         """Wait for in-flight operations, then unregister and free every region. Idempotent."""
@@ -320,30 +339,40 @@ class TransferBackend(abc.ABC):
         """Parse the handle; return the remote region size in bytes or raise TransferError."""
 
     @abc.abstractmethod
-    def _transfer(self, op: Op, local: Region, remote_handle: str, local_offsets: list[int],
-                  remote_offsets: list[int], lengths: list[int]) -> None:
+    def _transfer(self, op: Op, local: Region, remote_handle: str, segs: Segments) -> None:
         """Move validated segments, blocking; raise TransferError on failure."""
 
+    @abc.abstractmethod
     def _close_backend(self) -> None:
         """Release backend-wide resources after all regions are freed."""
 
     # -- internals ----------------------------------------------------------------------
     def _ensure_open(self) -> None:
         if self._closed:
-            raise TransferError("%s transfer backend is closed" % self.kind)
+            raise TransferError(f"{self.kind} transfer backend is closed")
 
-    def _validate(self, local: Region, remote_handle: str, local_offsets: list[int],
-                  remote_offsets: list[int], lengths: list[int]) -> int:
+    def _start(self, op: Op, local: Region, remote_handle: str, segs: Segments, sync: bool) -> TransferFuture:
         self._ensure_open()
-        _check_lists(local_offsets, remote_offsets, lengths)
-        check_bounds(local_offsets, lengths, local.nbytes, "local")
-        check_bounds(remote_offsets, lengths, self._remote_nbytes(remote_handle), "remote")
-        return sum(lengths)
+        _check_lists(*segs)
+        check_bounds(segs.local_offsets, segs.lengths, local.nbytes, "local")
+        check_bounds(segs.remote_offsets, segs.lengths, self._remote_nbytes(remote_handle), "remote")
+        nbytes = sum(segs.lengths)
+        if sync and not self._watchdog:
+            self._timed(op, nbytes, local, remote_handle, segs)
+            return TransferFuture.completed(nbytes)
+        try:
+            inner = self._pool.submit(self._timed, op, nbytes, local, remote_handle, segs)
+        except RuntimeError as exc:  # pool shut down by a concurrent close()
+            raise TransferError(f"{self.kind} transfer backend is closed") from exc
+        future = TransferFuture(inner, nbytes, self.timeout_s)
+        if sync:
+            future.wait()
+        return future
 
-    def _timed(self, op: Op, nbytes: int, *args: object) -> None:
+    def _timed(self, op: Op, nbytes: int, local: Region, remote_handle: str, segs: Segments) -> None:
         start = time.monotonic()
         try:
-            self._transfer(op, *args)  # type: ignore[arg-type]
+            self._transfer(op, local, remote_handle, segs)
         except BaseException:
             with self._lock:
                 self.stats.failures += 1
@@ -356,24 +385,6 @@ class TransferBackend(abc.ABC):
                 self.stats.bytes_written += nbytes
             else:
                 self.stats.bytes_read += nbytes
-
-    def _run_sync(self, op: Op, *args: object) -> None:
-        nbytes = self._validate(*args)  # type: ignore[arg-type]
-        if not self._watchdog:
-            self._timed(op, nbytes, *args)
-            return
-        self._future(op, nbytes, args).wait()
-
-    def _submit(self, op: Op, *args: object) -> TransferFuture:
-        nbytes = self._validate(*args)  # type: ignore[arg-type]
-        return self._future(op, nbytes, args)
-
-    def _future(self, op: Op, nbytes: int, args: tuple[object, ...]) -> TransferFuture:
-        try:
-            inner = self._pool.submit(self._timed, op, nbytes, *args)
-        except RuntimeError as exc:  # pool shut down by a concurrent close()
-            raise TransferError("%s transfer backend is closed" % self.kind) from exc
-        return TransferFuture(inner, nbytes, self.timeout_s)
 
 
 def create_backend(kind: str, host: str = "127.0.0.1", timeout_s: float = 5.0) -> TransferBackend:
@@ -397,4 +408,4 @@ def create_backend(kind: str, host: str = "127.0.0.1", timeout_s: float = 5.0) -
         from epd.transfer.shm import ShmBackend
 
         return ShmBackend(timeout_s=timeout_s)
-    raise ValueError("unknown transfer backend %r (expected 'mooncake' or 'shm')" % (kind,))
+    raise ValueError(f"unknown transfer backend {kind!r} (expected 'mooncake' or 'shm')")

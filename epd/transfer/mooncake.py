@@ -18,6 +18,7 @@ Failure behaviour measured with mooncake-transfer-engine-non-cuda over loopback 
   itself, and ``close()`` waits for it before unregistering memory, so the engine never
   touches freed buffers. Until then a *read* that timed out may still land bytes in its
   local segments: do not reuse them before the peer is known dead or the call returned.
+- more than ~2,000 segments queued for one peer: rejected (``-1``); batches are chunked.
 - ``get_batch_transfer_status`` busy-waits until the batch ends and frees the batch id,
   so a second call on the same id is a use-after-free (segfault). It is not used here.
 
@@ -36,12 +37,16 @@ from typing import Any
 
 import torch
 
-from epd.transfer.base import Op, Region, TransferBackend, TransferError
+from epd.transfer.base import Op, Region, Segments, TransferBackend, TransferError
 
 logger = logging.getLogger(__name__)
 
 _HANDLE_RE = re.compile(r"^mooncake://([^/\s]+:\d+)/([0-9a-fA-F]+)/(\d+)$")
 _MIN_LIBRARY_TIMEOUT_S = 5  # the library clamps MC_TRANSFER_TIMEOUT to at least 5 s
+# The TCP transport rejects a batch once too many segments are queued for one peer (measured:
+# 2,049 segments pass, 3,000 fail with "TCP lane queue-full rejection"). Batches are split into
+# chunks of this many segments so that even `workers` concurrent ones stay under the limit.
+MAX_SEGMENTS_PER_CALL = 512
 
 
 def _import_engine() -> Any:
@@ -52,8 +57,7 @@ def _import_engine() -> Any:
         from mooncake.engine import TransferEngine
     except ImportError as exc:
         raise TransferError(
-            "mooncake transfer backend needs the 'mooncake-transfer-engine' package and "
-            "Debian's libibverbs1: %s" % exc
+            f"mooncake transfer backend needs the 'mooncake-transfer-engine' package and Debian's libibverbs1: {exc}"
         ) from exc
     return TransferEngine
 
@@ -66,7 +70,7 @@ def parse_handle(handle: str) -> tuple[str, int, int]:
     """
     m = _HANDLE_RE.match(handle)
     if m is None:
-        raise TransferError("not a mooncake transfer handle: %r" % (handle,))
+        raise TransferError(f"not a mooncake transfer handle: {handle!r}")
     return m.group(1), int(m.group(2), 16), int(m.group(3))
 
 
@@ -87,8 +91,14 @@ class MooncakeBackend(TransferBackend):
 
     kind = "mooncake"
 
-    def __init__(self, host: str = "127.0.0.1", timeout_s: float = 5.0, protocol: str = "tcp",
-                 device_name: str = "", workers: int = 4) -> None:
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        timeout_s: float = 5.0,
+        protocol: str = "tcp",
+        device_name: str = "",
+        workers: int = 4,
+    ) -> None:
         super().__init__(timeout_s=timeout_s, watchdog=True, workers=workers)
         engine_cls = _import_engine()
         os.environ["MC_TRANSFER_TIMEOUT"] = str(max(_MIN_LIBRARY_TIMEOUT_S, math.ceil(timeout_s)))
@@ -96,10 +106,8 @@ class MooncakeBackend(TransferBackend):
         ret = self._engine.initialize(host, "P2PHANDSHAKE", protocol, device_name)
         if ret != 0:
             self._pool.shutdown(wait=False)
-            raise TransferError(
-                "mooncake engine failed to start on %s (protocol %s): code %d" % (host, protocol, ret)
-            )
-        self.endpoint = "%s:%d" % (host, self._engine.get_rpc_port())
+            raise TransferError(f"mooncake engine failed to start on {host} (protocol {protocol}): code {ret}")
+        self.endpoint = f"{host}:{self._engine.get_rpc_port()}"
         logger.info("mooncake transfer engine listening on %s (%s)", self.endpoint, protocol)
 
     def _allocate(self, nbytes: int, name_hint: str) -> Region:
@@ -107,8 +115,8 @@ class MooncakeBackend(TransferBackend):
         ptr = tensor.data_ptr()
         ret = self._engine.register_memory(ptr, nbytes)
         if ret != 0:
-            raise TransferError("mooncake register_memory(%d bytes) failed: code %d" % (nbytes, ret))
-        handle = "mooncake://%s/%x/%d" % (self.endpoint, ptr, nbytes)
+            raise TransferError(f"mooncake register_memory({nbytes} bytes) failed: code {ret}")
+        handle = f"mooncake://{self.endpoint}/{ptr:x}/{nbytes}"
         return Region(tensor=tensor, handle=handle, nbytes=nbytes, base_ptr=ptr)
 
     def _free(self, region: Region) -> None:
@@ -119,21 +127,22 @@ class MooncakeBackend(TransferBackend):
     def _remote_nbytes(self, remote_handle: str) -> int:
         return parse_handle(remote_handle)[2]
 
-    def _transfer(self, op: Op, local: Region, remote_handle: str, local_offsets: list[int],
-                  remote_offsets: list[int], lengths: list[int]) -> None:
+    def _transfer(self, op: Op, local: Region, remote_handle: str, segs: Segments) -> None:
+        lengths = segs.lengths
         if not lengths:
             return
         endpoint, remote_base, _ = parse_handle(remote_handle)
-        local_ptrs = [local.base_ptr + off for off in local_offsets]
-        remote_ptrs = [remote_base + off for off in remote_offsets]
-        call = (self._engine.batch_transfer_sync_write if op == "write"
-                else self._engine.batch_transfer_sync_read)
-        ret = call(endpoint, local_ptrs, remote_ptrs, lengths)
-        if ret != 0:
-            raise TransferError(
-                "mooncake %s of %d bytes in %d segments with %s failed (code %d): peer dead, "
-                "unreachable, or region no longer registered" % (op, sum(lengths), len(lengths), endpoint, ret)
-            )
+        local_ptrs = [local.base_ptr + off for off in segs.local_offsets]
+        remote_ptrs = [remote_base + off for off in segs.remote_offsets]
+        call = self._engine.batch_transfer_sync_write if op == "write" else self._engine.batch_transfer_sync_read
+        for i in range(0, len(lengths), MAX_SEGMENTS_PER_CALL):
+            j = i + MAX_SEGMENTS_PER_CALL
+            ret = call(endpoint, local_ptrs[i:j], remote_ptrs[i:j], lengths[i:j])
+            if ret != 0:
+                raise TransferError(
+                    f"mooncake {op} of {sum(lengths)} bytes in {len(lengths)} segments with {endpoint} "
+                    f"failed (code {ret}): peer dead, unreachable, or region no longer registered"
+                )
 
     def _close_backend(self) -> None:
         # Destroying the engine closes its peer connections and stops its listener.

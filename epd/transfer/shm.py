@@ -31,7 +31,7 @@ import re
 
 import torch
 
-from epd.transfer.base import Op, Region, TransferBackend, TransferError
+from epd.transfer.base import Op, Region, Segments, TransferBackend, TransferError
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ def _map(path: str, nbytes: int, create: bool) -> torch.Tensor:
         if create:
             os.ftruncate(fd, nbytes)
         elif os.fstat(fd).st_size < nbytes:
-            raise TransferError("segment %s holds %d bytes, handle says %d" % (path, os.fstat(fd).st_size, nbytes))
+            raise TransferError(f"segment {path} holds {os.fstat(fd).st_size} bytes, handle says {nbytes}")
         mm = mmap.mmap(fd, nbytes)
     finally:
         os.close(fd)
@@ -74,7 +74,7 @@ def parse_handle(handle: str) -> tuple[str, int, int]:
     """
     m = _HANDLE_RE.match(handle)
     if m is None:
-        raise TransferError("not a shm transfer handle: %r" % (handle,))
+        raise TransferError(f"not a shm transfer handle: {handle!r}")
     return m.group(1), int(m.group(2)), int(m.group(3))
 
 
@@ -88,7 +88,7 @@ def cleanup_stale_segments(shm_dir: str = SHM_DIR) -> list[str]:
     for name in sorted(os.listdir(shm_dir)):
         if not name.startswith(SEGMENT_PREFIX):
             continue
-        pid_part = name[len(SEGMENT_PREFIX):].split("-", 1)[0]
+        pid_part = name[len(SEGMENT_PREFIX) :].split("-", 1)[0]
         if not pid_part.isdigit() or _pid_alive(int(pid_part)):
             continue
         try:
@@ -116,7 +116,7 @@ class ShmBackend(TransferBackend):
 
     def __init__(self, timeout_s: float = 5.0, shm_dir: str = SHM_DIR) -> None:
         if not os.path.isdir(shm_dir):
-            raise TransferError("shared-memory directory %s does not exist (Linux only)" % shm_dir)
+            raise TransferError(f"shared-memory directory {shm_dir} does not exist (Linux only)")
         super().__init__(timeout_s=timeout_s, watchdog=False)
         self.shm_dir = shm_dir
         self._owned: dict[str, torch.Tensor] = {}
@@ -125,14 +125,14 @@ class ShmBackend(TransferBackend):
     def _allocate(self, nbytes: int, name_hint: str) -> Region:
         pid = os.getpid()
         hint = _HINT_RE.sub("_", name_hint)[:48]
-        name = "%s%d-%d%s" % (SEGMENT_PREFIX, pid, next(_counter), "-" + hint if hint else "")
+        name = f"{SEGMENT_PREFIX}{pid}-{next(_counter)}" + (f"-{hint}" if hint else "")
         try:
             tensor = _map(os.path.join(self.shm_dir, name), nbytes, create=True)
         except OSError as exc:
-            raise TransferError("cannot create shared-memory segment %s: %s" % (name, exc)) from exc
+            raise TransferError(f"cannot create shared-memory segment {name}: {exc}") from exc
         with self._lock:
             self._owned[name] = tensor
-        handle = "shm://%s/%d/%d" % (name, pid, nbytes)
+        handle = f"shm://{name}/{pid}/{nbytes}"
         return Region(tensor=tensor, handle=handle, nbytes=nbytes, base_ptr=tensor.data_ptr())
 
     def _free(self, region: Region) -> None:
@@ -157,7 +157,7 @@ class ShmBackend(TransferBackend):
         if not _pid_alive(pid) or not os.path.exists(path):
             with self._lock:
                 self._peers.pop(name, None)
-            raise TransferError("peer region %s is gone (owner pid %d exited or freed it)" % (name, pid))
+            raise TransferError(f"peer region {name} is gone (owner pid {pid} exited or freed it)")
         with self._lock:
             cached = self._peers.get(name)
         if cached is not None:
@@ -165,21 +165,20 @@ class ShmBackend(TransferBackend):
         try:
             tensor = _map(path, nbytes, create=False)
         except OSError as exc:
-            raise TransferError("cannot open shared-memory segment %s: %s" % (name, exc)) from exc
+            raise TransferError(f"cannot open shared-memory segment {name}: {exc}") from exc
         with self._lock:
             self._peers[name] = tensor
         logger.debug("mapped peer segment %s (%d bytes)", name, nbytes)
         return tensor
 
-    def _transfer(self, op: Op, local: Region, remote_handle: str, local_offsets: list[int],
-                  remote_offsets: list[int], lengths: list[int]) -> None:
+    def _transfer(self, op: Op, local: Region, remote_handle: str, segs: Segments) -> None:
         remote = self._remote_tensor(remote_handle)
-        src, dst = (local.tensor, remote) if op == "write" else (remote, local.tensor)
-        src_offsets, dst_offsets = (
-            (local_offsets, remote_offsets) if op == "write" else (remote_offsets, local_offsets)
-        )
-        for so, do, n in zip(src_offsets, dst_offsets, lengths, strict=True):
-            dst[do:do + n].copy_(src[so:so + n])
+        if op == "write":
+            src, dst, src_offsets, dst_offsets = local.tensor, remote, segs.local_offsets, segs.remote_offsets
+        else:
+            src, dst, src_offsets, dst_offsets = remote, local.tensor, segs.remote_offsets, segs.local_offsets
+        for so, do, n in zip(src_offsets, dst_offsets, segs.lengths, strict=True):
+            dst[do : do + n].copy_(src[so : so + n])
 
     def _close_backend(self) -> None:
         with self._lock:

@@ -1,93 +1,101 @@
-"""Decode core: block reservations and running sequences (no sockets).
+"""Decode core: one continuous-batching step over the paged KV pool (no sockets).
 
-Lifecycle of a request in decode (SGLang-style)::
-
-    Prealloc (KvAllocRequest: blocks reserved, KvAllocated back to prefill)
-      ▸ Transfer (prefill WRITEs the prompt KV into the blocks)
-      ▸ Running (KvReady: joins the running set at the next step)
-      ▸ Finished / aborted / failed / timed out: blocks freed
-
-Admission reserves blocks for the prompt plus ``max_tokens``, so a running request never
-runs out of room mid-generation.
+``DecodeEngine.step()`` = admit queued block requests ▸ expire ▸ schedule a batch (every
+member gets a KV slot; preempt when the pool is exhausted) ▸ one batched forward ▸ sample
+per request ▸ finish what ended. It returns what the process must send; the process owns
+the sockets. Requests join at the step after their KV arrives and leave when finished.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
-from typing import Any
 
-from epd.engine.kv_pool import KvPool, OutOfBlocks
-from epd.engine.sampling import Sampler, SamplingParams
+import torch
 
-
-@dataclass
-class Reservation:
-    """Blocks held for a request between KvAllocRequest and its end."""
-
-    request_id: str
-    block_ids: list[int]
-    num_prompt_tokens: int
-    deadline: float
+from epd.engine.decode_scheduler import DecodeRequest, DecodeScheduler, PendingAlloc
+from epd.engine.kv_pool import KvPool
+from epd.engine.sampling import Sampler, SamplingParams, finish_reason
+from epd.models.qwen2_runner import Qwen2VLRunner
 
 
 @dataclass
-class Sequence:
-    """A running request.
+class StepOutput:
+    """What one step produced.
 
     Attributes:
-        tokens: generated token ids so far (the first came from prefill).
-        past_len: tokens whose KV is in the cache (prompt + generated − 1).
-        rope_delta: M-RoPE offset: position of the next token is ``past_len + rope_delta``.
-        cache: the model adapter's per-request KV cache object.
+        admitted: requests whose blocks were just reserved (send KvAllocated).
+        tokens: ``(request, token_id, finish_reason or None)`` per batch member.
+        failed: ``(request, code name, message)`` for preempted / timed-out requests.
     """
 
-    reservation: Reservation
+    admitted: list[DecodeRequest] = field(default_factory=list)
+    tokens: list[tuple[DecodeRequest, int, str | None]] = field(default_factory=list)
+    failed: list[tuple[DecodeRequest, str, str]] = field(default_factory=list)
+
+
+@dataclass
+class SeqContext:
     params: SamplingParams
     sampler: Sampler
-    reply_to: str
-    rope_delta: int
-    past_len: int
-    cache: Any
-    tokens: list[int] = field(default_factory=list)
-
-    @property
-    def request_id(self) -> str:
-        return self.reservation.request_id
 
 
-class BlockLedger:
-    """Reservations over a :class:`KvPool`; every path that ends a request calls :meth:`release`."""
+class DecodeEngine:
+    """Continuous batching over a KV pool.
 
-    def __init__(self, pool: KvPool) -> None:
+    Args:
+        runner: batched paged decode forward.
+        pool: the KV block pool (its allocator is the scheduler's).
+        max_batch: requests per step (``EPD_DECODE_MAX_BATCH``).
+        eos_token_ids: ids that end a request unless ``ignore_eos``.
+    """
+
+    def __init__(self, runner: Qwen2VLRunner, pool: KvPool, max_batch: int, eos_token_ids: set[int]) -> None:
+        self.runner = runner
         self.pool = pool
-        self.reservations: dict[str, Reservation] = {}
+        self.sched = DecodeScheduler(pool.allocator, pool.layout.block_size, max_batch)
+        self.eos = eos_token_ids
+        self.device = runner.device
 
-    def reserve(self, request_id: str, num_prompt_tokens: int, max_new_tokens: int, deadline: float) -> Reservation:
-        """Reserve blocks for prompt + ``max_new_tokens``.
+    def request_blocks(self, request_id: str, num_tokens: int, deadline: float, reply_to: str) -> None:
+        """Queue a block reservation (KvAllocRequest). Raises ``ValueError`` if it can never fit."""
+        self.sched.enqueue(PendingAlloc(request_id, num_tokens, deadline, reply_to))
 
-        Raises:
-            OutOfBlocks: not enough free blocks (nothing is taken).
-            ValueError: the request already holds a reservation.
-        """
-        if request_id in self.reservations:
-            raise ValueError(f"request {request_id} already holds KV blocks")
-        n = self.pool.layout.blocks_for(num_prompt_tokens + max_new_tokens)
-        if n > self.pool.layout.num_blocks:
-            raise OutOfBlocks(
-                f"request needs {n} KV blocks but the pool has {self.pool.layout.num_blocks} in total"
-            )
-        ids = self.pool.allocator.allocate(n)
-        res = Reservation(request_id, ids, num_prompt_tokens, deadline)
-        self.reservations[request_id] = res
-        return res
+    def start(self, request_id: str, first_token: int, rope_delta: int, params: SamplingParams,
+              deadline: float) -> DecodeRequest:
+        """KvReady: the prompt KV is in the blocks. Raises ``KeyError`` for an unknown request."""
+        ctx = SeqContext(params, Sampler(params, self.device))
+        return self.sched.start(request_id, first_token, rope_delta, deadline, ctx)
 
-    def release(self, request_id: str) -> bool:
-        """Free the request's blocks; False when it held none."""
-        res = self.reservations.pop(request_id, None)
-        if res is None:
-            return False
-        self.pool.allocator.free(res.block_ids)
-        return True
+    def abort(self, request_id: str) -> bool:
+        return self.sched.release(request_id) is not None
 
-    def expired(self, now: float) -> list[str]:
-        return [r.request_id for r in self.reservations.values() if r.deadline < now]
+    def step(self, now: float | None = None) -> StepOutput:
+        out = StepOutput(admitted=self.sched.admit())
+        for req in self.sched.expired(time.time() if now is None else now):
+            out.failed.append((req, "TIMEOUT", "decode: request timed out"))
+        batch, preempted = self.sched.schedule()
+        for req in preempted:
+            out.failed.append((req, "OUT_OF_CAPACITY",
+                               "decode: preempted, KV cache exhausted (retry, or lower max_tokens)"))
+        if not batch:
+            return out
+        dev = self.device
+        width = max(len(r.block_ids) for r in batch)
+        tables = torch.tensor([r.block_ids + [r.block_ids[0]] * (width - len(r.block_ids)) for r in batch],
+                              dtype=torch.long, device=dev)
+        logits = self.runner.decode(
+            torch.tensor([r.tokens[-1] for r in batch], dtype=torch.long, device=dev),
+            torch.tensor([r.past_len + r.rope_delta for r in batch], dtype=torch.long, device=dev),
+            self.pool.kv, tables,
+            torch.tensor([r.past_len for r in batch], dtype=torch.long, device=dev),
+        )
+        for row, req in enumerate(batch):
+            req.past_len += 1
+            token = req.ctx.sampler.sample(logits[row])
+            req.tokens.append(token)
+            reason = finish_reason(token, len(req.tokens), req.ctx.params, self.eos)
+            out.tokens.append((req, token, reason))
+            if reason is not None:
+                self.sched.release(req.request_id)
+        return out

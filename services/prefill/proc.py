@@ -1,7 +1,9 @@
-"""Prefill process: features in (one-sided READ), first token out, KV out (one-sided WRITE).
+"""Prefill process: features in (asynchronous one-sided READ), first token out, KV out
+(one-sided WRITE, layer group by layer group).
 
-Loop steps: receive (requests, FeaturesReady, KvAllocated, aborts) ▸ expire timed-out
-requests ▸ run the oldest ready request ▸ ship its KV ▸ KvReady.
+Loop steps: receive (requests, FeaturesReady → start prefetch, KvAllocated, failures,
+aborts) ▸ collect finished prefetches ▸ expire timed-out requests ▸ run one packed batch
+of ready requests under the token budget ▸ KvReady.
 """
 
 from __future__ import annotations
@@ -14,14 +16,15 @@ import torch
 from epd import device
 from epd.config import PrefillConfig
 from epd.device import torch_dtype
-from epd.engine.kv_pool import KvPool, transfer_plan
 from epd.engine.region_alloc import RangeAllocator, RegionFull
 from epd.engine.sampling import Sampler, SamplingParams, finish_reason
+from epd.models.qwen2_runner import Qwen2VLRunner
 from epd.models.qwen2_vl import Qwen2VLAdapter
 from epd.service import ServiceProc
-from epd.transfer import TransferError, merge_segments
+from epd.transfer import TransferError
 from epd.wire.gen import epd_pb2 as pb
-from services.prefill.core import PrefillState, check_kv_compatible, layout_from_proto
+from services.prefill.core import Prefetch, PrefillState, check_kv_compatible, layout_from_proto, pick_batch
+from services.prefill.kv_sender import KvSender
 
 logger = logging.getLogger(__name__)
 
@@ -29,10 +32,12 @@ ORPHAN_TTL_S = 30.0  # FeaturesReady that arrived before its PrefillRequest is k
 
 
 class PrefillProc(ServiceProc):
-    def __init__(self, config: PrefillConfig) -> None:
+    def __init__(self, config: PrefillConfig, adapter: Qwen2VLAdapter | None = None) -> None:
         super().__init__(config, "prefill", config.prefill_buffer_mb << 20)
         self.cfg = config
-        self.adapter = Qwen2VLAdapter.load(config.model, dtype=torch_dtype(config.dtype))
+        self.adapter = adapter or Qwen2VLAdapter.load(config.model, dtype=torch_dtype(config.dtype))
+        self.runner = Qwen2VLRunner(self.adapter)
+        self.dtype_name = str(self.adapter.dtype).removeprefix("torch.")
         self.staging = RangeAllocator(self.region.nbytes)
         self.requests: dict[str, PrefillState] = {}
         self.orphans: dict[str, tuple[float, list[pb.FeaturesReady]]] = {}
@@ -51,44 +56,38 @@ class PrefillProc(ServiceProc):
         states = list(self.requests.values())
         return {
             "queued_requests": len(states),
-            "queued_tokens": sum(len(s.req.prompt_token_ids) for s in states),
+            "queued_tokens": sum(s.num_tokens for s in states),
             "features_pending": sum(s.features_pending() for s in states),
         }
 
     # -- handlers ----------------------------------------------------------------------
     def on_prefill_request(self, env, req: pb.PrefillRequest, blobs) -> None:
         rid = req.request_id
-        deadline = req.deadline or time.time() + self.cfg.request_timeout_s
-        state = PrefillState(req=req, deadline=deadline)
+        state = PrefillState(req=req, deadline=req.deadline or time.time() + self.cfg.request_timeout_s)
         self.requests[rid] = state
-        # Pre-allocate decode blocks now, before computing (receivers allocate, senders write).
-        alloc = pb.KvAllocRequest(
-            request_id=rid, num_tokens=len(req.prompt_token_ids),
-            max_new_tokens=req.sampling.max_tokens, reply_to=self.inbox.address,
-        )
+        # Reserve decode blocks now, before computing (receivers allocate, senders write).
+        alloc = pb.KvAllocRequest(request_id=rid, num_tokens=state.num_tokens,
+                                  max_new_tokens=req.sampling.max_tokens, reply_to=self.inbox.address)
         if not self.send(req.decode_inbox, alloc):
             self._fail(state, pb.UNAVAILABLE, "decode instance unreachable")
             return
         for ready in self.orphans.pop(rid, (0.0, []))[1]:
-            self._fetch_features(state, ready)
+            self._prefetch(state, ready)
 
     def on_features_ready(self, env, msg: pb.FeaturesReady, blobs) -> None:
         state = self.requests.get(msg.request_id)
-        if state is None:  # raced ahead of the PrefillRequest
+        if state is None:  # raced ahead of its PrefillRequest
             self.orphans.setdefault(msg.request_id, (time.time(), []))[1].append(msg)
             return
-        self._fetch_features(state, msg)
+        self._prefetch(state, msg)
 
     def on_kv_allocated(self, env, msg: pb.KvAllocated, blobs) -> None:
         state = self.requests.get(msg.request_id)
-        if state is None:  # request already gone: give the blocks back
-            self.send(self._decode_inbox_of(msg), pb.AbortRequest(request_id=msg.request_id, reason="gone"))
+        if state is None:  # request already gone: the decode side frees on its AbortRequest/timeout
             return
         try:
-            check_kv_compatible(
-                layout_from_proto(msg.layout), self.adapter.num_layers, self.adapter.num_kv_heads,
-                self.adapter.head_dim,
-            )
+            check_kv_compatible(layout_from_proto(msg.layout), self.adapter.num_layers, self.adapter.num_kv_heads,
+                                self.adapter.head_dim, self.dtype_name)
         except ValueError as exc:
             self._fail(state, pb.INTERNAL, str(exc))
             return
@@ -101,65 +100,97 @@ class PrefillProc(ServiceProc):
 
     def on_abort(self, env, msg: pb.AbortRequest, blobs) -> None:
         self.orphans.pop(msg.request_id, None)
-        state = self.requests.pop(msg.request_id, None)
-        if state is not None and state.kv_alloc is not None:
+        state = self.requests.get(msg.request_id)
+        if state is not None:
+            self._drop(state)
             self.send(state.req.decode_inbox, pb.AbortRequest(request_id=msg.request_id, reason=msg.reason))
 
     # -- step --------------------------------------------------------------------------
     def step(self) -> bool:
+        self._collect_prefetches()
         now = time.time()
         for state in [s for s in self.requests.values() if s.deadline < now]:
             self._fail(state, pb.TIMEOUT, "prefill: request timed out waiting for features or KV blocks")
         for rid in [r for r, (t, _) in self.orphans.items() if now - t > ORPHAN_TTL_S]:
             del self.orphans[rid]
-        ready = next((s for s in self.requests.values() if s.is_ready()), None)
-        if ready is None:
-            return False
-        self._run(ready)
-        return any(s.is_ready() for s in self.requests.values())
+        ready = [s for s in self.requests.values() if s.is_ready()]
+        if not ready:
+            return any(s.prefetches for s in self.requests.values())
+        self._run(pick_batch(ready, self.cfg.prefill_max_tokens))
+        return True
 
-    def _run(self, state: PrefillState) -> None:
-        req = state.req
-        rid = req.request_id
-        params = SamplingParams.from_proto(req.sampling)
+    def _run(self, batch: list[PrefillState]) -> None:
         t0 = time.perf_counter()
-        features, grids = state.ordered_features()
-        try:
-            out = self.adapter.prefill(list(req.prompt_token_ids), features, grids)
-        except Exception as exc:
-            logger.exception("request %s: prefill forward failed", rid)
-            self._fail(state, pb.INTERNAL, f"prefill error: {exc}")
+        embeds, positions, deltas, good = [], [], [], []
+        for state in batch:
+            features, grids = state.ordered_features()
+            try:
+                e, p, d = self.adapter.prompt_inputs(list(state.req.prompt_token_ids), features, grids)
+            except ValueError as exc:
+                self._fail(state, pb.INVALID_REQUEST, f"prefill: {exc}")
+                continue
+            embeds.append(e)
+            positions.append(p)
+            deltas.append(d)
+            good.append(state)
+        if not good:
             return
-        token = Sampler(params, device.get_device()).sample(out.logits)
+        sender = KvSender(self.transfer, self.region, self.staging, self.adapter.num_layers, self.cfg.kv_layer_group)
+        start = 0
+        try:
+            for state in good:
+                alloc = state.kv_alloc
+                sender.add(state.request_id, alloc.session, layout_from_proto(alloc.layout), list(alloc.block_ids),
+                           start, state.num_tokens)
+                start += state.num_tokens
+            logits = self.runner.prefill(torch.cat(embeds), torch.cat(positions, dim=1),
+                                         [s.num_tokens for s in good], sender.on_layer)
+        except Exception as exc:  # a failed batch fails its requests, never the instance
+            sender.close()
+            logger.exception("prefill batch of %d failed", len(good))
+            for state in good:
+                self._fail(state, pb.INTERNAL if not isinstance(exc, RegionFull) else pb.OUT_OF_CAPACITY,
+                           f"prefill error: {exc}")
+            return
         t_forward = time.perf_counter() - t0
-        reason = finish_reason(token, 1, params, self.eos_ids)
-        self.send(req.reply_to, pb.TokenDelta(
-            request_id=rid, token_ids=[token], finished=reason is not None, finish_reason=reason or "",
-            num_prompt_tokens=len(req.prompt_token_ids), stage="prefill", offset=0,
-        ))
-        del self.requests[rid]
-        if reason is not None:  # done after one token: release the reserved blocks
-            self.send(req.decode_inbox, pb.AbortRequest(request_id=rid, reason="finished in prefill"))
-            return
-        try:
-            nbytes = self._write_kv(state, out.kv)
-        except (TransferError, RegionFull) as exc:
-            self.fail(req.reply_to, rid, pb.UNAVAILABLE, f"KV transfer to decode failed: {exc}")
-            self.send(req.decode_inbox, pb.AbortRequest(request_id=rid, reason="kv transfer failed"))
-            return
-        self.send(req.decode_inbox, pb.KvReady(
-            request_id=rid, num_prompt_tokens=len(req.prompt_token_ids), first_token_id=token,
-            rope_delta=int(out.rope_delta), sampling=req.sampling, reply_to=req.reply_to,
-            deadline=state.deadline,
-        ))
+        finished = {}
+        for row, state in enumerate(good):
+            params = SamplingParams.from_proto(state.req.sampling)
+            token = Sampler(params, device.get_device()).sample(logits[row])
+            reason = finish_reason(token, 1, params, self.eos_ids)
+            self.send(state.req.reply_to, pb.TokenDelta(
+                request_id=state.request_id, token_ids=[token], finished=reason is not None,
+                finish_reason=reason or "", num_prompt_tokens=state.num_tokens, stage="prefill", offset=0,
+            ))
+            finished[state.request_id] = (token, reason)
+        result = sender.finish()
+        for state, delta in zip(good, deltas, strict=True):
+            del self.requests[state.request_id]
+            token, reason = finished[state.request_id]
+            error = result.failed.get(state.request_id)
+            if reason is None and error is None:
+                self.send(state.req.decode_inbox, pb.KvReady(
+                    request_id=state.request_id, num_prompt_tokens=state.num_tokens, first_token_id=token,
+                    rope_delta=int(delta), sampling=state.req.sampling, reply_to=state.req.reply_to,
+                    deadline=state.deadline,
+                ))
+                continue
+            if error is not None and reason is None:
+                self.fail(state.req.reply_to, state.request_id, pb.UNAVAILABLE,
+                          f"KV transfer to decode failed: {error}")
+            self.send(state.req.decode_inbox, pb.AbortRequest(request_id=state.request_id,
+                                                              reason="finished in prefill" if reason else "kv failed"))
         logger.info(
-            "request %s: prefill %d tokens in %.1f ms, KV %d bytes written in %.1f ms total",
-            rid, len(req.prompt_token_ids), t_forward * 1e3, nbytes, (time.perf_counter() - t0) * 1e3,
+            "prefill batch of %d (%d tokens): forward %.1f ms, KV %d bytes written, exposed transfer %.2f ms "
+            "(layer group %d)", len(good), start, t_forward * 1e3, result.nbytes, result.exposed_s * 1e3,
+            self.cfg.kv_layer_group,
         )
 
-    # -- transfers ---------------------------------------------------------------------
-    def _fetch_features(self, state: PrefillState, msg: pb.FeaturesReady) -> None:
-        """READ one image's features from the encoder's pool into a local tensor."""
+    # -- feature prefetch --------------------------------------------------------------
+    def _prefetch(self, state: PrefillState, msg: pb.FeaturesReady) -> None:
+        """Start an asynchronous READ of one image's features from the encoder's pool."""
+        if msg.index in state.features or msg.index in state.prefetches:
+            return
         ref = msg.features
         try:
             off = self.staging.allocate(ref.nbytes)
@@ -167,52 +198,51 @@ class PrefillProc(ServiceProc):
             self._fail(state, pb.OUT_OF_CAPACITY, f"prefill buffer full: {exc}")
             return
         try:
-            self.transfer.read(self.region, ref.session, [off], [ref.offset], [ref.nbytes])
-            raw = self.region.tensor[off : off + ref.nbytes]
-            feats = raw.view(torch_dtype(ref.dtype)).view(list(ref.shape)).clone().to(device.get_device())
+            fut = self.transfer.read_async(self.region, ref.session, [off], [ref.offset], [ref.nbytes])
         except TransferError as exc:
+            self.staging.free(off)
             self._fail(state, pb.UNAVAILABLE, f"cannot read features of image {msg.index}: {exc}")
             return
-        finally:
-            self.staging.free(off)
-        state.features[msg.index] = feats
-        state.grids[msg.index] = tuple(msg.grid_thw)
-        logger.info("request %s: read %d feature bytes of image %d from %s",
-                    state.request_id, ref.nbytes, msg.index, msg.encoder_instance)
+        state.prefetches[msg.index] = Prefetch(msg.index, ref, tuple(msg.grid_thw), off, fut, msg.encoder_instance,
+                                               time.perf_counter())
 
-    def _write_kv(self, state: PrefillState, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> int:
-        """Stage the prompt KV in decode's block geometry and WRITE it into decode's blocks."""
-        alloc = state.kv_alloc
-        dst = layout_from_proto(alloc.layout)
-        block_ids = list(alloc.block_ids)
-        needed = dst.blocks_for(kv[0][0].shape[1])
-        block_ids = block_ids[:needed]
-        src = dst.with_blocks(len(block_ids))
-        off = self.staging.allocate(src.nbytes)
-        try:
-            staging = KvPool(src, self.region.tensor[off : off + src.nbytes])
-            staging.scatter(kv, list(range(len(block_ids))))
-            device.synchronize()
-            local, remote, lengths = transfer_plan(src, dst, block_ids, range(dst.num_layers))
-            local, remote, lengths = merge_segments([o + off for o in local], remote, lengths)
-            self.transfer.write(self.region, alloc.session, local, remote, lengths)
-        finally:
-            self.staging.free(off)
-        return sum(lengths)
+    def _collect_prefetches(self) -> None:
+        for state in list(self.requests.values()):
+            for index, pf in list(state.prefetches.items()):
+                if not pf.future.done():
+                    continue
+                del state.prefetches[index]
+                try:
+                    pf.future.wait(0)
+                    raw = self.region.tensor[pf.staging_offset : pf.staging_offset + pf.ref.nbytes]
+                    feats = raw.view(torch_dtype(pf.ref.dtype)).view(list(pf.ref.shape)).clone()
+                except TransferError as exc:
+                    self.staging.free(pf.staging_offset)
+                    self._fail(state, pb.UNAVAILABLE, f"cannot read features of image {index}: {exc}")
+                    break
+                self.staging.free(pf.staging_offset)
+                state.features[index] = feats.to(device.get_device())
+                state.grids[index] = pf.grid_thw
+                logger.info("request %s: read %d feature bytes of image %d from %s in %.2f ms",
+                            state.request_id, pf.ref.nbytes, index, pf.encoder_instance, pf.future.elapsed_s * 1e3)
 
     # -- failure -----------------------------------------------------------------------
-    def _decode_inbox_of(self, msg: pb.KvAllocated) -> str:
-        for inst in self.registry.instances("decode"):
-            if inst.instance_id == msg.decode_instance:
-                return inst.inbox
-        return ""
+    def _drop(self, state: PrefillState) -> None:
+        """Forget a request, freeing staging of its in-flight reads (after they settle)."""
+        self.requests.pop(state.request_id, None)
+        for pf in state.prefetches.values():
+            try:
+                pf.future.wait()
+            except TransferError:
+                pass
+            self.staging.free(pf.staging_offset)
+        state.prefetches.clear()
 
     def _fail(self, state: PrefillState, code: int, message: str, notify_decode: bool = True) -> None:
-        rid = state.request_id
-        self.requests.pop(rid, None)
-        self.fail(state.req.reply_to, rid, code, message)
+        self._drop(state)
+        self.fail(state.req.reply_to, state.request_id, code, message)
         if notify_decode:
-            self.send(state.req.decode_inbox, pb.AbortRequest(request_id=rid, reason=message))
+            self.send(state.req.decode_inbox, pb.AbortRequest(request_id=state.request_id, reason=message))
 
     def fail_all(self, reason: str) -> None:
         for state in list(self.requests.values()):

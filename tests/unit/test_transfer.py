@@ -125,7 +125,8 @@ def test_shm_backend_in_process(tmp_path):
     with ShmBackend(shm_dir=str(tmp_path)) as a, ShmBackend(shm_dir=str(tmp_path)) as b:
         src = a.allocate(64, "src")
         dst = b.allocate(64, "d s/t")
-        assert dst.handle == "shm://epd-%d-%s-d_s_t/%d/64" % (os.getpid(), dst.handle.split("-")[2], os.getpid())
+        pid = os.getpid()
+        assert dst.handle == f"shm://epd-{pid}-{dst.handle.split('-')[2]}-d_s_t/{pid}/64"
         src.tensor.copy_(torch.arange(64, dtype=torch.uint8))
         a.write(src, dst.handle, [0, 32], [8, 40], [4, 8])
         assert dst.tensor[8:12].tolist() == [0, 1, 2, 3]

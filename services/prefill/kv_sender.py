@@ -1,0 +1,138 @@
+"""Layer-grouped KV hand-off from prefill to decode (EPD-Serve §3.3).
+
+While the packed prefill forward runs, each layer's K/V of every request in the batch is
+copied into that request's staging area (a registered region laid out in decode's block
+geometry); as soon as a group of ``G`` consecutive layers is staged, one asynchronous
+one-sided WRITE per (layer, K/V, run of consecutive decode blocks) — merged where adjacent —
+ships them into the decode instance's blocks, while later layers are still computing.
+``G = 0`` is the baseline: everything is written after the last layer.
+
+The *exposed* transfer time is what remains after the last layer finished: the wait in
+:meth:`KvSender.finish`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from epd.engine.kv_pool import KvLayout, KvPool, transfer_plan
+from epd.engine.region_alloc import RangeAllocator
+from epd.transfer import Region, TransferBackend, TransferError, TransferFuture, merge_segments
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Entry:
+    request_id: str
+    session: str
+    dst: KvLayout
+    block_ids: list[int]
+    start: int  # first token of the request in the packed batch
+    length: int
+    staging_offset: int
+    staging: KvPool
+    futures: list[TransferFuture] = field(default_factory=list)
+    error: str = ""
+
+
+@dataclass
+class SendResult:
+    """Outcome of one batch's KV hand-off.
+
+    Attributes:
+        nbytes: bytes written.
+        exposed_s: seconds between the last layer's K/V and the last write completing.
+        failed: request id → error message for requests whose KV did not arrive.
+    """
+
+    nbytes: int
+    exposed_s: float
+    failed: dict[str, str]
+
+
+class KvSender:
+    """Stages and ships one prefill batch's KV.
+
+    Args:
+        transfer: the instance's transfer backend.
+        region: its registered region (staging areas are carved from it).
+        staging: the region's range allocator.
+        num_layers: model layers.
+        group: layers per transfer group ``G`` (0 = after the whole forward).
+
+    Raises:
+        epd.engine.region_alloc.RegionFull: from :meth:`add` when staging space runs out.
+    """
+
+    def __init__(self, transfer: TransferBackend, region: Region, staging: RangeAllocator, num_layers: int,
+                 group: int) -> None:
+        self.transfer, self.region, self.staging = transfer, region, staging
+        self.num_layers, self.group = num_layers, group
+        self.entries: list[_Entry] = []
+        self._next_layer = 0  # first layer not yet submitted
+        self.t_last_layer = 0.0
+
+    def add(self, request_id: str, session: str, dst: KvLayout, block_ids: list[int], start: int,
+            length: int) -> None:
+        """Register a request of the batch: tokens ``[start, start + length)`` of the packed prompt."""
+        blocks = block_ids[: dst.blocks_for(length)]
+        src = dst.with_blocks(len(blocks))
+        off = self.staging.allocate(src.nbytes)
+        staging = KvPool(src, self.region.tensor[off : off + src.nbytes])
+        self.entries.append(_Entry(request_id, session, dst, blocks, start, length, off, staging))
+
+    def on_layer(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Stage layer ``layer`` (``k, v [T, kv_heads, head_dim]``); ship a group when complete."""
+        for e in self.entries:
+            e.staging.write_prefix(layer, k[e.start : e.start + e.length], v[e.start : e.start + e.length])
+        last = layer == self.num_layers - 1
+        if last:
+            self.t_last_layer = time.perf_counter()
+        if self.group > 0 and ((layer + 1 - self._next_layer) >= self.group or last):
+            self._submit(range(self._next_layer, layer + 1))
+
+    def _submit(self, layers: range) -> None:
+        self._next_layer = layers.stop
+        for e in self.entries:
+            if e.error:
+                continue
+            local, remote, lengths = transfer_plan(e.staging.layout, e.dst, e.block_ids, layers)
+            local, remote, lengths = merge_segments([o + e.staging_offset for o in local], remote, lengths)
+            try:
+                e.futures.append(self.transfer.write_async(self.region, e.session, local, remote, lengths))
+            except TransferError as exc:
+                e.error = str(exc)
+
+    def finish(self) -> SendResult:
+        """Ship what is left, wait for every write, free the staging areas."""
+        if self._next_layer < self.num_layers:
+            self._submit(range(self._next_layer, self.num_layers))
+        nbytes = 0
+        for e in self.entries:
+            for fut in e.futures:
+                try:
+                    fut.wait()
+                    nbytes += fut.nbytes
+                except TransferError as exc:
+                    e.error = e.error or str(exc)
+        exposed = time.perf_counter() - self.t_last_layer if self.t_last_layer else 0.0
+        self.close()
+        return SendResult(nbytes, exposed, {e.request_id: e.error for e in self.entries if e.error})
+
+    def close(self) -> None:
+        """Free staging (idempotent); waits for writes still in flight first."""
+        for e in self.entries:
+            for fut in e.futures:
+                if not fut.done():
+                    try:
+                        fut.wait()
+                    except TransferError:
+                        pass
+            if e.staging_offset >= 0:
+                self.staging.free(e.staging_offset)
+                e.staging_offset = -1
