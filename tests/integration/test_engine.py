@@ -143,7 +143,8 @@ def test_seeded_sampling_is_reproducible(adapter, cases):
 def test_pick_batch_respects_token_budget():
     from epd.wire.gen import epd_pb2 as pb
 
-    states = [PrefillState(pb.PrefillRequest(request_id=str(n), prompt_token_ids=[1] * n), 0.0) for n in (300, 200, 600)]
+    states = [PrefillState(pb.PrefillRequest(request_id=str(n), prompt_token_ids=[1] * n), 0.0)
+              for n in (300, 200, 600)]
     assert [s.request_id for s in pick_batch(states, 512)] == ["300", "200"]
     assert [s.request_id for s in pick_batch(states[2:], 512)] == ["600"]  # an oversize prompt still runs alone
     assert [s.request_id for s in pick_batch(states, 10_000)] == ["300", "200", "600"]
