@@ -83,6 +83,7 @@ class EncoderConfig(CommonConfig):
     feature_pool_mb: int = Field(256, gt=0)  # registered pool holding finished image features
     feature_ttl_s: float = Field(600.0, gt=0)  # Redis TTL of an mm_hash entry
     encoder_max_images: int = Field(8, gt=0)  # images per vision forward
+    encoder_max_patches: int = Field(16384, gt=0)  # 14x14 patches per vision forward (one image may exceed it alone)
 
 
 class PrefillConfig(CommonConfig):

@@ -86,7 +86,7 @@ class EncoderProc(ServiceProc):
     def step(self) -> bool:
         if not self.queue:
             return False
-        batch = [self.queue.popleft() for _ in range(min(len(self.queue), self.cfg.encoder_max_images))]
+        batch = self._take_batch()
         now = time.time()
         live = []
         for job in batch:
@@ -114,6 +114,19 @@ class EncoderProc(ServiceProc):
             self._publish(entry)
             self._notify(job.request, job.item, entry)
         return bool(self.queue)
+
+    def _take_batch(self) -> list[_Job]:
+        """Oldest queued images within the image and patch budgets (at least one)."""
+        batch: list[_Job] = []
+        patches = 0
+        while self.queue and len(batch) < self.cfg.encoder_max_images:
+            grid = self.queue[0].item.grid_thw
+            cost = grid[0] * grid[1] * grid[2] if len(grid) == 3 else 0
+            if batch and patches + cost > self.cfg.encoder_max_patches:
+                break
+            batch.append(self.queue.popleft())
+            patches += cost
+        return batch
 
     # -- helpers -----------------------------------------------------------------------
     def _publish(self, entry: PoolEntry) -> None:

@@ -7,7 +7,7 @@ one-sided WRITE per (layer, K/V, run of consecutive decode blocks) — merged wh
 ships them into the decode instance's blocks, while later layers are still computing.
 ``G = 0`` is the baseline: everything is written after the last layer.
 
-The *exposed* transfer time is what remains after the last layer finished: the wait in
+The *exposed* transfer time is what remains once the forward is done: the wait in
 :meth:`KvSender.finish`.
 """
 
@@ -46,7 +46,7 @@ class SendResult:
 
     Attributes:
         nbytes: bytes written.
-        exposed_s: seconds between the last layer's K/V and the last write completing.
+        exposed_s: seconds between the end of the forward and the last write completing.
         failed: request id → error message for requests whose KV did not arrive.
     """
 
@@ -75,7 +75,7 @@ class KvSender:
         self.num_layers, self.group = num_layers, group
         self.entries: list[_Entry] = []
         self._next_layer = 0  # first layer not yet submitted
-        self.t_last_layer = 0.0
+        self.t_forward_done = 0.0
 
     def add(self, request_id: str, session: str, dst: KvLayout, block_ids: list[int], start: int,
             length: int) -> None:
@@ -91,8 +91,6 @@ class KvSender:
         for e in self.entries:
             e.staging.write_prefix(layer, k[e.start : e.start + e.length], v[e.start : e.start + e.length])
         last = layer == self.num_layers - 1
-        if last:
-            self.t_last_layer = time.perf_counter()
         if self.group > 0 and ((layer + 1 - self._next_layer) >= self.group or last):
             self._submit(range(self._next_layer, layer + 1))
 
@@ -109,7 +107,11 @@ class KvSender:
                 e.error = str(exc)
 
     def finish(self) -> SendResult:
-        """Ship what is left, wait for every write, free the staging areas."""
+        """Ship what is left, wait for every write, free the staging areas.
+
+        Call it once the forward is done: the time spent here is the exposed transfer time.
+        """
+        self.t_forward_done = time.perf_counter()
         if self._next_layer < self.num_layers:
             self._submit(range(self._next_layer, self.num_layers))
         nbytes = 0
@@ -120,7 +122,7 @@ class KvSender:
                     nbytes += fut.nbytes
                 except TransferError as exc:
                     e.error = e.error or str(exc)
-        exposed = time.perf_counter() - self.t_last_layer if self.t_last_layer else 0.0
+        exposed = time.perf_counter() - self.t_forward_done
         self.close()
         return SendResult(nbytes, exposed, {e.request_id: e.error for e in self.entries if e.error})
 

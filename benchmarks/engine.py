@@ -1,0 +1,258 @@
+"""Serving-engine measurements on one machine, in one process, with the real components.
+
+1. Decode throughput (tokens/s) of the continuous-batching engine (paged KV pool, batched
+   forward, per-request sampling) at batch 1, 8, 32 vs the same model's batched HF
+   ``generate`` (greedy, KV cache, padded batch) in the same run. Decode-only: each side's
+   time for ``N+1`` new tokens minus its time for the prompt pass.
+2. Prefill throughput (prompt tokens/s): packed prefill of one prompt vs an in-process HF
+   forward of the same inputs (``use_cache=True``).
+3. KV transfer prefill → decode through the Mooncake transfer engine (tcp): bytes, GB/s and
+   the *exposed* time (from the last layer's K/V to the last write done) for layer group
+   G = 0 (baseline: everything after the forward) and G = 1, 2, 4.
+4. Feature prefetch: one image's features READ from an "encoder" pool while the request
+   waits behind another prefill batch: read time and how much of it the wait hid.
+
+    .venv/bin/epd model build --preset mid --out models/mid
+    .venv/bin/python benchmarks/engine.py --model models/mid --out benchmarks/results/engine.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from epd.engine.kv_pool import KvLayout, KvPool  # noqa: E402
+from epd.engine.region_alloc import RangeAllocator  # noqa: E402
+from epd.engine.sampling import SamplingParams  # noqa: E402
+from epd.models.qwen2_runner import Qwen2VLRunner  # noqa: E402
+from epd.models.qwen2_vl import Qwen2VLAdapter  # noqa: E402
+from epd.transfer import create_backend  # noqa: E402
+from services.decode.core import DecodeEngine  # noqa: E402
+from services.prefill.kv_sender import KvSender  # noqa: E402
+
+
+def prompts(batch: int, length: int, vocab: int, seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(10, vocab - 20, (length,), generator=g).tolist() for _ in range(batch)]
+
+
+def ours_decode(adapter, runner, batch_prompts, new_tokens: int) -> float:
+    """Seconds spent in decode steps producing ``new_tokens`` per request (prefill excluded)."""
+    layout = KvLayout(adapter.num_layers, 4096, 16, adapter.num_kv_heads, adapter.head_dim)
+    pool = KvPool(layout)
+    engine = DecodeEngine(runner, pool, max_batch=len(batch_prompts), eos_token_ids=set())
+    for i, p in enumerate(batch_prompts):
+        engine.request_blocks(str(i), len(p), 1e18, "")
+    admitted = engine.step().admitted
+    embeds, positions, lens = [], [], []
+    for p in batch_prompts:
+        e, pos, _ = adapter.prompt_inputs(p, [], [])
+        embeds.append(e)
+        positions.append(pos)
+        lens.append(len(p))
+    starts = [sum(lens[:i]) for i in range(len(lens))]
+
+    def on_layer(layer, k, v):
+        for req, s, n in zip(admitted, starts, lens, strict=True):
+            ids = torch.tensor(req.block_ids[: layout.blocks_for(n)])
+            for kv_i, t in ((0, k), (1, v)):
+                pad = t.new_zeros((len(ids) * 16, *t.shape[1:]))
+                pad[:n] = t[s : s + n]
+                pool.kv[layer, kv_i, ids] = pad.view(len(ids), 16, *t.shape[1:])
+
+    logits = runner.prefill(torch.cat(embeds), torch.cat(positions, 1), lens, on_layer)
+    params = SamplingParams(max_tokens=new_tokens + 1, ignore_eos=True)
+    for req, row in zip(admitted, logits, strict=True):
+        engine.start(req.request_id, int(row.argmax()), 0, params, 1e18)
+    t0 = time.perf_counter()
+    produced = 0
+    while engine.sched.running:
+        produced += len(engine.step().tokens)
+    elapsed = time.perf_counter() - t0
+    assert produced == new_tokens * len(batch_prompts), produced
+    return elapsed
+
+
+def hf_decode(model, batch_prompts, new_tokens: int, pad_id: int) -> float:
+    """HF generate: time(new_tokens + 1) − time(1), batched with left padding."""
+    ids = torch.tensor(batch_prompts)
+    mask = torch.ones_like(ids)
+
+    def run(n):
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=n,
+                                 min_new_tokens=n, pad_token_id=pad_id)
+        assert out.shape[1] == ids.shape[1] + n
+        return time.perf_counter() - t0
+
+    return run(new_tokens + 1) - run(1)
+
+
+def bench_decode(adapter, runner, model, args) -> list[dict]:
+    rows = []
+    for batch in (1, 8, 32):
+        ps = prompts(batch, args.prompt_len, adapter.vocab_size, args.seed + batch)
+        ours_decode(adapter, runner, ps[:1], 2)  # warm-up
+        ours = min(ours_decode(adapter, runner, ps, args.new_tokens) for _ in range(args.reps))
+        hf = min(hf_decode(model, ps, args.new_tokens, adapter.eos_token_ids[-1]) for _ in range(args.reps))
+        tok = batch * args.new_tokens
+        rows.append({"batch": batch, "ours_tok_s": tok / ours, "hf_tok_s": tok / hf, "ratio": hf / ours})
+    return rows
+
+
+def bench_prefill(adapter, runner, model, args) -> dict:
+    p = prompts(1, args.prefill_len, adapter.vocab_size, args.seed)[0]
+    e, pos, _ = adapter.prompt_inputs(p, [], [])
+    ids = torch.tensor([p])
+
+    def ours():
+        t0 = time.perf_counter()
+        runner.prefill(e, pos, [len(p)])
+        return time.perf_counter() - t0
+
+    def hf():
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            model(input_ids=ids, use_cache=True)
+        return time.perf_counter() - t0
+
+    ours(), hf()
+    t_ours = statistics.median(ours() for _ in range(args.reps))
+    t_hf = statistics.median(hf() for _ in range(args.reps))
+    return {"tokens": len(p), "ours_tok_s": len(p) / t_ours, "hf_tok_s": len(p) / t_hf, "ratio": t_hf / t_ours}
+
+
+def bench_kv_transfer(adapter, runner, args) -> list[dict]:
+    p = prompts(1, args.prefill_len, adapter.vocab_size, args.seed + 7)[0]
+    e, pos, _ = adapter.prompt_inputs(p, [], [])
+    rows = []
+    with create_backend("mooncake", timeout_s=60) as p_side, create_backend("mooncake", timeout_s=60) as d_side:
+        layout = KvLayout(adapter.num_layers, layout_blocks := 1024, 16, adapter.num_kv_heads, adapter.head_dim)
+        d_region = d_side.allocate(layout.nbytes, "kv")
+        region = p_side.allocate(layout.with_blocks(layout.blocks_for(len(p))).nbytes + (1 << 20), "prefill")
+        staging = RangeAllocator(region.nbytes)
+        # a fragmented block table, as after some churn: runs of 4 consecutive blocks
+        table = [b for start in range(0, layout_blocks, 8) for b in range(start, start + 4)]
+        table = table[: layout.blocks_for(len(p))]
+        for group in (0, 1, 2, 4):
+            exposed, nbytes, totals = [], 0, []
+            for _ in range(args.reps):
+                sender = KvSender(p_side, region, staging, adapter.num_layers, group)
+                sender.add("r", d_region.handle, layout, table, 0, len(p))
+                t0 = time.perf_counter()
+                runner.prefill(e, pos, [len(p)], sender.on_layer)
+                res = sender.finish()
+                totals.append(time.perf_counter() - t0)
+                assert not res.failed
+                exposed.append(res.exposed_s)
+                nbytes = res.nbytes
+            rows.append({"group": group, "bytes": nbytes, "exposed_ms": 1e3 * statistics.median(exposed),
+                         "prefill_plus_transfer_ms": 1e3 * statistics.median(totals)})
+        # raw link speed for the same bytes, nothing else running
+        segs = KvSender(p_side, region, staging, adapter.num_layers, 0)
+        segs.add("r", d_region.handle, layout, table, 0, len(p))
+        from epd.engine.kv_pool import transfer_plan
+        from epd.transfer import merge_segments
+
+        e0 = segs.entries[0]
+        local, remote, lengths = transfer_plan(e0.staging.layout, layout, table, range(adapter.num_layers))
+        local, remote, lengths = merge_segments([o + e0.staging_offset for o in local], remote, lengths)
+        t0 = time.perf_counter()
+        p_side.write(region, d_region.handle, local, remote, lengths)
+        link_s = time.perf_counter() - t0
+        segs.close()
+        for r in rows:
+            r["link_gb_s"] = r["bytes"] / link_s / 1e9
+            r["segments"] = len(lengths)
+    return rows
+
+
+def bench_prefetch(adapter, runner, args) -> dict:
+    from PIL import Image
+    from skimage import data
+
+    feats, grid = adapter.encode([Image.fromarray(data.astronaut())])[0]
+    raw = feats.contiguous().view(-1).view(torch.uint8)
+    other = prompts(1, args.prefill_len, adapter.vocab_size, args.seed + 9)[0]
+    e, pos, _ = adapter.prompt_inputs(other, [], [])
+    with create_backend("mooncake", timeout_s=60) as enc, create_backend("mooncake", timeout_s=60) as pre:
+        pool = enc.allocate(raw.numel(), "features")
+        pool.tensor[: raw.numel()].copy_(raw)
+        local = pre.allocate(raw.numel(), "prefill")
+        samples = []
+        for _ in range(args.reps):
+            t_ready = time.perf_counter()  # FeaturesReady arrives; the request queues behind a batch
+            fut = pre.read_async(local, pool.handle, [0], [0], [raw.numel()])
+            runner.prefill(e, pos, [len(other)])  # the batch ahead of it
+            t_sched = time.perf_counter()  # the request would be scheduled now
+            fut.wait()
+            t_local = time.perf_counter()
+            read_s = fut.elapsed_s
+            exposed = max(0.0, t_local - t_sched)
+            samples.append((read_s, t_sched - t_ready, exposed))
+        assert torch.equal(local.tensor[: raw.numel()], raw)
+    read_ms = 1e3 * statistics.median(s[0] for s in samples)
+    return {"feature_bytes": raw.numel(), "read_ms": read_ms,
+            "queue_wait_ms": 1e3 * statistics.median(s[1] for s in samples),
+            "exposed_ms": 1e3 * statistics.median(s[2] for s in samples),
+            "hidden_fraction": 1 - statistics.median(s[2] for s in samples) / max(1e-9, read_ms / 1e3)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, help="model directory (epd model build --preset mid --out DIR)")
+    ap.add_argument("--prompt-len", type=int, default=128, help="decode benchmark prompt tokens")
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--prefill-len", type=int, default=1024)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--only", default="decode,prefill,kv,prefetch")
+    ap.add_argument("--out", default="benchmarks/results/engine.json")
+    args = ap.parse_args()
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
+    adapter = Qwen2VLAdapter.load(args.model)
+    runner = Qwen2VLRunner(adapter)
+    model = adapter.model
+    only = set(args.only.split(","))
+    result: dict = {"model": args.model, "threads": args.threads, "args": vars(args)}
+    if "decode" in only:
+        result["decode"] = bench_decode(adapter, runner, model, args)
+        print(f"\n{'decode batch':>14}{'ours tok/s':>12}{'HF tok/s':>12}{'ours/HF':>9}")
+        for r in result["decode"]:
+            print(f"{r['batch']:>14}{r['ours_tok_s']:>12.1f}{r['hf_tok_s']:>12.1f}{r['ratio']:>9.2f}")
+    if "prefill" in only:
+        r = result["prefill"] = bench_prefill(adapter, runner, model, args)
+        print(f"\nprefill {r['tokens']} tokens: ours {r['ours_tok_s']:.0f} tok/s, HF forward {r['hf_tok_s']:.0f} tok/s,"
+              f" ours/HF {r['ratio']:.2f}")
+    if "kv" in only:
+        result["kv_transfer"] = bench_kv_transfer(adapter, runner, args)
+        print(f"\n{'KV group G':>11}{'MB':>8}{'segments':>10}{'link GB/s':>11}{'exposed ms':>12}"
+              f"{'prefill+xfer ms':>17}")
+        for r in result["kv_transfer"]:
+            print(f"{r['group']:>11}{r['bytes'] / 1e6:>8.1f}{r['segments']:>10}{r['link_gb_s']:>11.2f}"
+                  f"{r['exposed_ms']:>12.2f}{r['prefill_plus_transfer_ms']:>17.1f}")
+    if "prefetch" in only:
+        r = result["prefetch"] = bench_prefetch(adapter, runner, args)
+        print(f"\nfeature prefetch: {r['feature_bytes'] / 1e6:.2f} MB read in {r['read_ms']:.2f} ms while queued "
+              f"{r['queue_wait_ms']:.1f} ms; exposed {r['exposed_ms']:.2f} ms "
+              f"({100 * r['hidden_fraction']:.0f}% hidden)")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()
