@@ -91,11 +91,19 @@ class FeaturePool:
         return entry
 
     def put(self, mm_hash: str, features: torch.Tensor, grid_thw: list[int], lease_until: float) -> PoolEntry:
-        """Copy ``features`` ``[num_tokens, hidden]`` into the pool.
+        """Copy ``features`` ``[num_tokens, hidden]`` into the pool (most recently used, leased).
+
+        An ``mm_hash`` already in the pool keeps its entry (same image bytes, same features):
+        it is touched and its lease extended, and nothing is copied — a prefill may be reading
+        the old bytes, so they are never overwritten or freed here.
 
         Raises:
-            RegionFull: the features do not fit even after evicting every unleased entry.
+            RegionFull: the features do not fit even after evicting every unleased entry
+                (features larger than the whole region fail at once, evicting nothing).
         """
+        existing = self.lookup(mm_hash, lease_until)
+        if existing is not None:
+            return existing
         data = features.detach().contiguous().view(-1).view(torch.uint8)
         offset = self._allocate(data.numel())
         self.region[offset : offset + data.numel()].copy_(data.to(self.region.device))
@@ -103,13 +111,12 @@ class FeaturePool:
             mm_hash, offset, data.numel(), str(features.dtype).removeprefix("torch."),
             list(features.shape), list(grid_thw), lease_until,
         )
-        old = self.entries.pop(mm_hash, None)
-        if old is not None:
-            self.alloc.free(old.offset)
         self.entries[mm_hash] = entry
         return entry
 
     def _allocate(self, nbytes: int) -> int:
+        if nbytes > self.alloc.capacity:
+            raise RegionFull(f"{nbytes} bytes of features exceed the whole pool of {self.alloc.capacity} bytes")
         while True:
             try:
                 return self.alloc.allocate(nbytes)

@@ -14,7 +14,10 @@ def main() -> None:
     from services.gateway.app import make_app  # after config: heavy imports
 
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
-    web.run_app(make_app(cfg), host=cfg.gateway_host, port=cfg.gateway_port, print=None)
+    # handler_cancellation: a client that disconnects cancels its handler, whose cleanup aborts
+    # the request in every stage (services.gateway.responder.respond).
+    web.run_app(make_app(cfg), host=cfg.gateway_host, port=cfg.gateway_port, print=None,
+                handler_cancellation=True)
 
 
 if __name__ == "__main__":

@@ -1,52 +1,75 @@
-"""OpenAI-compatible HTTP front end (aiohttp): ``/v1/chat/completions``, ``/v1/models``, ``/health``.
+"""OpenAI-compatible HTTP front end (aiohttp): the gateway's shared state and the application.
 
-Lifecycle of a chat request at the gateway::
+Lifecycle of a request at the gateway (handlers in :mod:`services.gateway.handlers`)::
 
-    parse + validate ▸ template, tokenize, image hash/size, placeholders ▸ route + instances
-      ▸ EncodeRequest(s) to encoder(s) (encode route) and PrefillRequest to prefill
+    auth ▸ parse + validate ▸ fetch images (data:/file/http), hash, header-only size check
+      ▸ template, tokenize, placeholders ▸ feature-cache lookup (Redis) ▸ route + instances
+      ▸ PrefillRequest to prefill, FeaturesReady for cached images, EncodeRequest(s) to encoder(s)
       ▸ TokenDelta stream (first token from prefill, the rest from decode), reordered by offset
-      ▸ detokenize incrementally ▸ JSON response or SSE chunks ending with ``data: [DONE]``
-      ▸ on error / disconnect / timeout: AbortRequest to every stage involved
+      ▸ detokenize incrementally, stop strings ▸ JSON response or SSE chunks ending with ``data: [DONE]``
+      ▸ on error / stop string / disconnect / timeout: AbortRequest to every stage involved
+
+The cached route reuses the encoder → prefill contract: for each image whose ``mm_hash`` is
+live in Redis the gateway itself sends prefill the ``FeaturesReady`` the encoder would have
+sent (``encoder_instance`` = the holder). If the holder evicted the entry or died in the
+meantime, prefill's one-sided READ fails and the request fails with 503 (no re-encode yet).
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 import os
 import signal
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from aiohttp import web
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from epd.config import GatewayConfig
-from epd.registry.registry import Registry, RegistryError
+from epd.registry.registry import FeatureEntry, Registry, RegistryError
 from epd.wire.gen import epd_pb2 as pb
 from epd.wire.sockets import PeerUnavailable, WireTap
 from services.gateway.engine_client import EngineClient
+from services.gateway.media import MediaError, MediaFetcher
+from services.gateway.metrics import GatewayMetrics
 from services.gateway.prompt import Prompt, PromptBuilder
-from services.gateway.protocol import (
-    ApiError,
-    ChatCompletionRequest,
-    chat_chunk,
-    chat_completion,
-    new_id,
-    usage,
-)
+from services.gateway.protocol import ApiError
 from services.gateway.router import NoInstance, Plan, Router
-from services.gateway.stream import Detokenizer, TokenStream
 
 logger = logging.getLogger(__name__)
 
-CONFIG_KEY = web.AppKey("config", GatewayConfig)
 GATEWAY_KEY = web.AppKey("gateway", object)
+BLOCKS_GRACE_S = 2.0  # decode's heartbeat shows a reservation within heartbeat + refresh periods
+
+
+@dataclass
+class Admitted:
+    """A request that entered the pipeline.
+
+    Attributes:
+        rid: request id (also the response ``id``).
+        plan: route and instances; holds the in-flight charges.
+        prompt: token ids and images.
+        max_tokens: generation budget.
+        t_arrival: ``time.perf_counter()`` when the HTTP handler started.
+        feature_bytes: derived bytes prefill reads from encoder pools.
+    """
+
+    rid: str
+    plan: Plan
+    prompt: Prompt
+    max_tokens: int
+    t_arrival: float
+    feature_bytes: int = 0
 
 
 class Gateway:
-    """State shared by the HTTP handlers."""
+    """State shared by the HTTP handlers: config, tokenizer, registry view, router, wire, metrics."""
 
     def __init__(self, cfg: GatewayConfig) -> None:
         self.cfg = cfg
@@ -54,9 +77,13 @@ class Gateway:
         self.prompts = PromptBuilder(cfg.model)
         self.registry = Registry(cfg.redis_url)
         self.router = Router()
+        self.metrics = GatewayMetrics(self.router)
+        self.media = MediaFetcher(cfg.max_image_pixels, cfg.allowed_media_dir, cfg.allow_remote_media,
+                                  cfg.max_image_mb << 20, cfg.media_fetch_timeout_s)
         self.instance_id = cfg.instance_id or f"gateway-{id(self):x}"
         self.client = EngineClient(cfg.host, cfg.port, self.instance_id, tap=WireTap(cfg.wire_tap))
         self._refresher: asyncio.Task | None = None
+        self._background: set[asyncio.Task] = set()
 
     async def start(self) -> None:
         await self.refresh()
@@ -66,6 +93,9 @@ class Gateway:
     async def stop(self) -> None:
         if self._refresher:
             self._refresher.cancel()
+        if self._background:
+            await asyncio.wait(self._background, timeout=2)
+        await self.media.close()
         await self.client.close()
 
     async def refresh(self) -> None:
@@ -85,8 +115,15 @@ class Gateway:
                 logger.error("parent process exited, shutting down")
                 os.kill(os.getpid(), signal.SIGTERM)
 
-    # -- request handling ----------------------------------------------------------------
-    def parse(self, raw: bytes) -> ChatCompletionRequest:
+    def background(self, coro) -> None:
+        """Run ``coro`` to completion even if the calling handler is cancelled."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    # -- admission -----------------------------------------------------------------------
+    def parse(self, raw: bytes, schema: type[BaseModel]):
+        """Validate a JSON body against ``schema``. Raises :class:`ApiError` (400, or 404 unknown model)."""
         try:
             body = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -94,41 +131,99 @@ class Gateway:
         if not isinstance(body, dict):
             raise ApiError(400, "request body must be a JSON object")
         try:
-            req = ChatCompletionRequest.model_validate(body)
+            req = schema.model_validate(body)
         except ValidationError as exc:
             err = exc.errors()[0]
             param = ".".join(str(p) for p in err["loc"]) or None
             raise ApiError(400, f"{param}: {err['msg']}" if param else err["msg"], param=param) from None
-        if req.n != 1:
+        if req.n not in (None, 1):
             raise ApiError(400, "only n=1 is supported", param="n")
         if req.model not in (None, self.model_name, str(self.cfg.model)):
+            # OpenAI answers an unknown model with 404 (code model_not_found); so do we.
             raise ApiError(404, f"The model `{req.model}` does not exist.", param="model",
                            code="model_not_found")
         return req
 
-    async def submit(self, rid: str, req: ChatCompletionRequest, prompt: Prompt, max_tokens: int) -> Plan:
-        """Choose instances and send the request into the pipeline. Raises :class:`ApiError`."""
-        await self.refresh_if_empty()
+    async def fetch_images(self, urls: list[tuple[str, str]]):
+        """Fetch and check every image concurrently. Raises :class:`ApiError` 400 naming the part."""
+        results = await asyncio.gather(*(self.media.load(url) for _, url in urls), return_exceptions=True)
+        for (param, _), res in zip(urls, results, strict=True):
+            if isinstance(res, MediaError):
+                raise ApiError(400, str(res), param=param)
+            if isinstance(res, BaseException):
+                raise res
+        return results
+
+    def max_tokens(self, requested: int | None, prompt_len: int) -> int:
+        """The generation budget. Raises :class:`ApiError` 400 when the context cannot hold it."""
+        max_tokens = requested or self.cfg.default_max_tokens
+        limit = self.prompts.max_model_len
+        if limit and prompt_len + max_tokens > limit:
+            if requested:
+                raise ApiError(400, f"This model's maximum context length is {limit} tokens. However, you "
+                                    f"requested {prompt_len + max_tokens} tokens ({prompt_len} in the messages, "
+                                    f"{max_tokens} in the completion).", param="max_tokens")
+            max_tokens = limit - prompt_len
+            if max_tokens < 1:
+                raise ApiError(400, f"prompt of {prompt_len} tokens fills the context of {limit}",
+                               param="messages")
+        return max_tokens
+
+    async def _cached_features(self, prompt: Prompt) -> dict[int, FeatureEntry]:
+        """Images whose features are live in a live holder's pool, by image index."""
+        if not prompt.images:
+            return {}
+
+        def lookup():
+            return [self.registry.get_feature(im.image.mm_hash) for im in prompt.images]
+
+        try:
+            entries = await asyncio.get_running_loop().run_in_executor(None, lookup)
+        except RegistryError as exc:
+            logger.warning("feature cache lookup failed, encoding instead: %s", exc)
+            return {}
+        return {im.index: e for im, e in zip(prompt.images, entries, strict=True)
+                if e is not None and self.router.is_live(e.holder) and list(e.grid_thw) == list(im.grid_thw)
+                and e.shape and e.shape[0] == im.num_tokens}
+
+    async def submit(self, rid: str, sampling: pb.SamplingParams, prompt: Prompt, max_tokens: int,
+                     t_arrival: float) -> Admitted:
+        """Choose route and instances and send the request into the pipeline.
+
+        Raises:
+            ApiError: 503 (no instance of a needed role, or a stage unreachable) or 429 (every
+                instance of a role full), both with ``Retry-After``.
+        """
+        if not self.router.instances["prefill"] or not self.router.instances["decode"]:
+            await self.refresh()
+        cached = await self._cached_features(prompt)
         patches = [im.grid_thw[1] * im.grid_thw[2] for im in prompt.images]
         try:
-            plan = self.router.plan(len(prompt.token_ids), max_tokens, patches)
+            plan = self.router.plan(len(prompt.token_ids), max_tokens, patches, set(cached))
         except NoInstance as exc:
-            raise ApiError(503, str(exc), type_="service_unavailable", headers={"Retry-After": "1"}) from None
+            status = 429 if exc.saturated else 503
+            raise ApiError(status, str(exc), type_="service_unavailable" if status == 503 else "rate_limit_error",
+                           headers={"Retry-After": "1"}) from None
+        adm = Admitted(rid, plan, prompt, max_tokens, t_arrival)
         now = time.time()
-        sampling = pb.SamplingParams(
-            max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=max(0, req.top_k),
-            has_seed=req.seed is not None, seed=req.seed or 0, ignore_eos=req.ignore_eos,
-        )
         items = [pb.ImageItem(mm_hash=im.image.mm_hash, index=im.index, width=im.image.width,
                               height=im.image.height, num_tokens=im.num_tokens, grid_thw=list(im.grid_thw))
                  for im in prompt.images]
-        prefill_req = pb.PrefillRequest(
-            request_id=rid, prompt_token_ids=prompt.token_ids, images=items, sampling=sampling,
-            decode_instance=plan.decode.instance_id, decode_inbox=plan.decode.inbox,
-            reply_to=self.client.address, arrival_time=now, deadline=now + self.cfg.request_timeout_s,
-        )
         try:
-            await self.client.send(plan.prefill.inbox, prefill_req)
+            await self.client.send(plan.prefill.inbox, pb.PrefillRequest(
+                request_id=rid, prompt_token_ids=prompt.token_ids, images=items, sampling=sampling,
+                decode_instance=plan.decode.instance_id, decode_inbox=plan.decode.inbox,
+                reply_to=self.client.address, arrival_time=now, deadline=now + self.cfg.request_timeout_s,
+            ))
+            self.metrics.ingress.observe(time.perf_counter() - t_arrival)
+            for index, entry in cached.items():
+                await self.client.send(plan.prefill.inbox, pb.FeaturesReady(
+                    request_id=rid, mm_hash=prompt.images[index].image.mm_hash, index=index,
+                    features=pb.TensorRef(session=entry.handle, offset=entry.offset, nbytes=entry.nbytes,
+                                          dtype=entry.dtype, shape=entry.shape),
+                    grid_thw=entry.grid_thw, encoder_instance=entry.holder,
+                ))
+                adm.feature_bytes += entry.nbytes
             for enc_id, indices in plan.encoders.items():
                 enc_items, blobs = [], []
                 for i in indices:
@@ -137,157 +232,83 @@ class Gateway:
                     item.blob_index = len(blobs)
                     enc_items.append(item)
                     blobs.append(prompt.images[i].image.data)
+                    adm.feature_bytes += self.prompts.feature_bytes(prompt.images[i].num_tokens, self.cfg.dtype)
                 await self.client.send(self.router.by_id[enc_id].inbox, pb.EncodeRequest(
                     request_id=rid, images=enc_items, prefill_instance=plan.prefill.instance_id,
                     prefill_inbox=plan.prefill.inbox, reply_to=self.client.address,
                 ), blobs)
-        except PeerUnavailable as exc:
-            await self.abort(rid, plan, "gateway could not reach a stage")
-            raise ApiError(503, f"stage unreachable: {exc}", type_="service_unavailable",
-                           headers={"Retry-After": "1"}) from None
-        return plan
-
-    async def refresh_if_empty(self) -> None:
-        if not self.router.instances["prefill"] or not self.router.instances["decode"]:
-            await self.refresh()
+                self.metrics.instance_requests.labels(enc_id, "encoder").inc()
+        except BaseException as exc:  # unreachable stage, or the handler cancelled (client gone)
+            self.router.release(plan)
+            self.router.release_blocks(plan)
+            self.background(self.abort(rid, plan, "gateway could not reach a stage"))
+            if isinstance(exc, PeerUnavailable):
+                raise ApiError(503, f"stage unreachable: {exc}", type_="service_unavailable",
+                               headers={"Retry-After": "1"}) from None
+            raise
+        m = self.metrics
+        m.requests.labels(plan.route).inc()
+        m.instance_requests.labels(plan.prefill.instance_id, "prefill").inc()
+        m.instance_requests.labels(plan.decode.instance_id, "decode").inc()
+        m.cache_hits.inc(len(cached))
+        m.cache_misses.inc(len(prompt.images) - len(cached))
+        m.images_encoded.inc(len(prompt.images) - len(cached))
+        m.prompt_tokens.inc(len(prompt.token_ids))
+        logger.info("request %s: route %s, %d prompt tokens, %d image(s) (%d cached), prefill %s, decode %s",
+                    rid, plan.route, len(prompt.token_ids), len(prompt.images), len(cached),
+                    plan.prefill.instance_id, plan.decode.instance_id)
+        return adm
 
     async def abort(self, rid: str, plan: Plan, reason: str) -> None:
         """Tell every stage of ``plan`` to drop ``rid`` and free what it holds."""
         targets = {plan.prefill.inbox, plan.decode.inbox}
         targets.update(self.router.by_id[e].inbox for e in plan.encoders if e in self.router.by_id)
+        logger.info("request %s: aborting in %d stage(s): %s", rid, len(targets), reason)
         for address in targets:
             try:
                 await self.client.send(address, pb.AbortRequest(request_id=rid, reason=reason))
             except PeerUnavailable:
-                pass
+                logger.warning("request %s: abort not delivered to %s", rid, address)
 
 
-def _max_tokens(gw: Gateway, req: ChatCompletionRequest, prompt_len: int) -> int:
-    max_tokens = req.max_completion_tokens or req.max_tokens or gw.cfg.default_max_tokens
-    limit = gw.prompts.max_model_len
-    if limit and prompt_len + max_tokens > limit:
-        if req.max_completion_tokens or req.max_tokens:
-            raise ApiError(400, f"This model's maximum context length is {limit} tokens. However, you "
-                                f"requested {prompt_len + max_tokens} tokens ({prompt_len} in the messages, "
-                                f"{max_tokens} in the completion).", param="max_tokens")
-        max_tokens = limit - prompt_len
-        if max_tokens < 1:
-            raise ApiError(400, f"prompt of {prompt_len} tokens fills the context of {limit}", param="messages")
-    return max_tokens
-
-
-async def chat_completions(request: web.Request) -> web.StreamResponse:
+@web.middleware
+async def auth_middleware(request: web.Request, handler):
+    """``EPD_API_KEY`` set: every ``/v1/`` route needs ``Authorization: Bearer <key>``."""
     gw: Gateway = request.app[GATEWAY_KEY]
-    try:
-        req = gw.parse(await request.read())
-        loop = asyncio.get_running_loop()
-        prompt = await loop.run_in_executor(
-            None, gw.prompts.build, req.messages, gw.cfg.max_images_per_request, gw.cfg.max_image_pixels
-        )
-        max_tokens = _max_tokens(gw, req, len(prompt.token_ids))
-        rid = new_id("chatcmpl")
-        queue = gw.client.open(rid)
-        try:
-            plan = await gw.submit(rid, req, prompt, max_tokens)
-        except ApiError:
-            gw.client.close_stream(rid)
-            raise
-    except ApiError as exc:
-        return exc.response()
-    stream = TokenStream(queue, deadline=time.monotonic() + gw.cfg.request_timeout_s)
-    headers = {"x-epd-route": plan.route, "x-request-id": rid}
-    finished = False
-    try:
-        if req.stream:
-            resp = await _stream_response(request, gw, req, rid, prompt, stream, headers)
-        else:
-            resp = await _full_response(gw, req, rid, prompt, stream, headers)
-        finished = True
-        return resp
-    finally:
-        gw.client.close_stream(rid)
-        gw.router.release(plan)
-        if not (finished and stream.done):
-            await gw.abort(rid, plan, "gateway: request ended early")
-
-
-async def _full_response(gw, req, rid, prompt, stream, headers) -> web.Response:
-    detok = Detokenizer(gw.prompts.tokenizer)
-    try:
-        async for token_ids in stream:
-            detok.add(token_ids)
-    except ApiError as exc:
-        return exc.response()
-    body = chat_completion(rid, gw.model_name, detok.text, stream.finish_reason, prompt.token_ids,
-                           stream.token_ids, req.return_token_ids)
-    return web.json_response(body, headers=headers)
-
-
-async def _stream_response(request, gw, req, rid, prompt, stream, headers) -> web.StreamResponse:
-    try:  # surface an error before the first byte as a normal error response
-        first = await stream.first()
-    except ApiError as exc:
-        return exc.response()
-    resp = web.StreamResponse(headers={**headers, "Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-    await resp.prepare(request)
-    created = int(time.time())
-    detok = Detokenizer(gw.prompts.tokenizer)
-    want_ids = req.return_token_ids
-    await resp.write(chat_chunk(rid, created, gw.model_name, {"role": "assistant", "content": ""}, None).encode())
-    try:
-        token_ids = first
-        while token_ids is not None:
-            delta = detok.add(token_ids)
-            finish = stream.finish_reason if stream.done else None
-            await resp.write(chat_chunk(rid, created, gw.model_name, {"content": delta}, finish,
-                                        token_ids if want_ids else None).encode())
-            token_ids = await stream.next()
-    except ApiError as exc:
-        await resp.write(f"data: {json.dumps(exc.body())}\n\n".encode())
-    if req.stream_options and req.stream_options.include_usage:
-        obj = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": gw.model_name,
-               "choices": [], "usage": usage(len(prompt.token_ids), len(stream.token_ids))}
-        await resp.write(f"data: {json.dumps(obj)}\n\n".encode())
-    await resp.write(b"data: [DONE]\n\n")
-    await resp.write_eof()
-    return resp
-
-
-async def list_models(request: web.Request) -> web.Response:
-    gw: Gateway = request.app[GATEWAY_KEY]
-    return web.json_response({"object": "list", "data": [{
-        "id": gw.model_name, "object": "model", "created": 0, "owned_by": "epd-serve",
-        "root": str(gw.cfg.model), "max_model_len": gw.prompts.max_model_len,
-    }]})
-
-
-async def health(request: web.Request) -> web.Response:
-    gw: Gateway = request.app[GATEWAY_KEY]
-    counts = {role: len(v) for role, v in gw.router.instances.items()}
-    ready = counts["prefill"] > 0 and counts["decode"] > 0
-    return web.json_response({"status": "ok" if ready else "waiting", "instances": counts},
-                             status=200 if ready else 503)
+    key = gw.cfg.api_key
+    if key and request.path.startswith("/v1/"):
+        got = request.headers.get("Authorization", "")
+        if not hmac.compare_digest(got.encode(), f"Bearer {key}".encode()):
+            gw.metrics.errors.labels("401").inc()
+            return ApiError(401, "Incorrect API key provided." if got else "Missing API key: send "
+                            "'Authorization: Bearer <key>'.", code="invalid_api_key").response()
+    return await handler(request)
 
 
 @web.middleware
 async def error_middleware(request: web.Request, handler):
+    gw: Gateway = request.app[GATEWAY_KEY]
     try:
         return await handler(request)
     except ApiError as exc:
-        return exc.response()
+        error = exc
     except web.HTTPRequestEntityTooLarge as exc:
-        return ApiError(413, f"request body too large: {exc.text}").response()
+        error = ApiError(413, f"request body too large (EPD_MAX_BODY_MB): {exc.text}")
     except web.HTTPException as exc:
-        return ApiError(exc.status, exc.reason, type_="invalid_request_error").response()
+        error = ApiError(exc.status, exc.reason, type_="invalid_request_error")
     except Exception:
         logger.exception("unhandled error on %s", request.path)
-        return ApiError(500, "internal server error", type_="internal_error").response()
+        error = ApiError(500, "internal server error", type_="internal_error")
+    gw.metrics.errors.labels(str(error.status)).inc()
+    return error.response()
 
 
 def make_app(cfg: GatewayConfig) -> web.Application:
-    app = web.Application(client_max_size=cfg.max_body_mb << 20, middlewares=[error_middleware])
+    """The aiohttp application of one gateway."""
+    from services.gateway import handlers
+
+    app = web.Application(client_max_size=cfg.max_body_mb << 20, middlewares=[error_middleware, auth_middleware])
     gw = Gateway(cfg)
-    app[CONFIG_KEY] = cfg
     app[GATEWAY_KEY] = gw
 
     async def on_startup(_app):
@@ -298,7 +319,5 @@ def make_app(cfg: GatewayConfig) -> web.Application:
 
     app.on_startup.append(on_startup)
     app.on_cleanup.append(on_cleanup)
-    app.router.add_post("/v1/chat/completions", chat_completions)
-    app.router.add_get("/v1/models", list_models)
-    app.router.add_get("/health", health)
+    handlers.add_routes(app)
     return app

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import zmq
@@ -49,6 +50,7 @@ class EngineClient:
     async def _read_loop(self) -> None:
         while True:
             frames = await self.sock.recv_multipart()
+            received_at = time.perf_counter()
             try:
                 env, field, payload = unpack(frames[0])
             except WireError as exc:
@@ -58,10 +60,11 @@ class EngineClient:
             if queue is None:
                 logger.debug("request %s: %s for a finished request dropped", env.request_id, field)
                 continue
-            queue.put_nowait((field, payload))
+            queue.put_nowait((field, payload, received_at))
 
     def open(self, request_id: str) -> asyncio.Queue:
-        """Register a request; its TokenDelta / RequestFailed messages land in the returned queue."""
+        """Register a request; its TokenDelta / RequestFailed messages land in the returned queue
+        as ``(payload field, message, time.perf_counter() at receipt)``."""
         queue: asyncio.Queue = asyncio.Queue()
         self.streams[request_id] = queue
         return queue

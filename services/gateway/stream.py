@@ -1,4 +1,5 @@
-"""A request's token stream at the gateway: reordering, failures, timeouts, detokenization."""
+"""A request's token stream at the gateway: reordering, failures, timeouts, detokenization,
+stop strings."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ class TokenStream:
     connections, so deltas are reordered by ``offset`` before they are released.
 
     Args:
-        queue: the request's message queue (``(payload field, message)`` items).
+        queue: the request's message queue (``(payload field, message[, perf_counter at receipt])``).
         deadline: ``time.monotonic()`` value after which the request fails with 504.
 
     Raises (from iteration):
@@ -35,6 +36,7 @@ class TokenStream:
         self.num_prompt_tokens = 0
         self._pending: dict[int, pb.TokenDelta] = {}
         self.done = False
+        self.received_at = 0.0  # perf_counter when the message that completed the last batch arrived
 
     async def _message(self):
         timeout = self.deadline - time.monotonic()
@@ -55,7 +57,8 @@ class TokenStream:
                     self.done = True
                     self.finish_reason = delta.finish_reason or "stop"
                 return list(delta.token_ids)
-            field, msg = await self._message()
+            field, msg, *stamp = await self._message()
+            self.received_at = stamp[0] if stamp else time.perf_counter()
             if field == "request_failed":
                 status = _STATUS.get(msg.code, 500)
                 raise ApiError(status, f"{msg.stage}: {msg.message}", type_=_TYPE.get(status, "error"))
@@ -96,3 +99,46 @@ class Detokenizer:
         delta = full[len(self.text):] if full.startswith(self.text) else full
         self.text = full
         return delta
+
+    def finish(self) -> str:
+        """Text still held back at the end (an incomplete UTF-8 sequence, as U+FFFD)."""
+        full = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        delta = full[len(self.text):] if full.startswith(self.text) else ""
+        self.text += delta
+        return delta
+
+
+class StopChecker:
+    """Stop strings on detokenized text, across chunk boundaries (OpenAI ``stop``).
+
+    Text that could still become a stop string (a suffix equal to some stop string's
+    prefix) is held back; on a match the text before the stop is released and the stop
+    string itself never is.
+    """
+
+    def __init__(self, stops: list[str]) -> None:
+        self.stops = [s for s in stops if s]
+        self.held = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        """``(text safe to emit, matched)``; after a match the caller must stop feeding."""
+        if not self.stops:
+            return text, False
+        buf = self.held + text
+        hits = [i for i in (buf.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            self.held = ""
+            return buf[: min(hits)], True
+        keep = 0
+        for stop in self.stops:
+            for k in range(min(len(stop) - 1, len(buf)), keep, -1):
+                if buf.endswith(stop[:k]):
+                    keep = k
+                    break
+        self.held = buf[len(buf) - keep:]
+        return buf[: len(buf) - keep], False
+
+    def flush(self) -> str:
+        """Held-back text, released when generation ends without a match."""
+        text, self.held = self.held, ""
+        return text

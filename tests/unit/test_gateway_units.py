@@ -114,3 +114,79 @@ def test_token_stream_maps_failures_and_timeouts():
     with pytest.raises(ApiError) as exc:
         asyncio.run(silent())
     assert exc.value.status == 504
+
+
+def test_router_cached_and_mixed_routes_skip_encoders():
+    r = Router()
+    r.update([_inst("e0", "encoder"), _inst("e1", "encoder"), _inst("p0", "prefill"),
+              _inst("d0", "decode", running=0, free_blocks=100)])
+    cached = r.plan(40, 8, [64, 64], cached={0, 1})
+    assert cached.route == "cached" and cached.encoders == {} and cached.cached == [0, 1]
+    mixed = r.plan(40, 8, [64, 16, 64], cached={1})
+    assert mixed.route == "mixed" and mixed.encoders == {"e0": [0], "e1": [2]} and mixed.cached == [1]
+
+
+def test_router_cached_route_needs_no_encoder():
+    r = Router()
+    r.update([_inst("p0", "prefill"), _inst("d0", "decode", running=0, free_blocks=100)])
+    assert r.plan(10, 4, [64], cached={0}).route == "cached"
+    with pytest.raises(NoInstance, match="encoder"):
+        r.plan(10, 4, [64])
+
+
+def test_router_release_at_first_token_then_end():
+    r = Router()
+    r.update([_inst("e0", "encoder"), _inst("p0", "prefill"), _inst("d0", "decode", running=0, free_blocks=10)])
+    plan = r.plan(40, 8, [64])  # decode: ceil(48 / 16) = 3 blocks
+    assert (r.inflight["e0"], r.inflight["p0"], r.inflight["d0"], r.inflight_blocks["d0"]) == (64, 40, 1, 3)
+    r.release(plan, ("encoder", "prefill"))  # first token
+    assert (r.inflight["e0"], r.inflight["p0"], r.inflight["d0"]) == (0, 0, 1)
+    r.release(plan)
+    r.release(plan)  # idempotent
+    assert r.inflight["d0"] == 0 and r.inflight_blocks["d0"] == 3
+    r.release_blocks(plan)
+    assert r.inflight_blocks["d0"] == 0
+
+
+def test_router_decode_room_counts_inflight_blocks_and_saturation():
+    r = Router()
+    r.update([_inst("p0", "prefill"), _inst("d0", "decode", running=0, free_blocks=5),
+              _inst("d1", "decode", running=3, free_blocks=4)])
+    first = r.plan(60, 4, [])  # 4 blocks: d0 (less running)
+    assert first.decode.instance_id == "d0"
+    second = r.plan(60, 4, [])  # d0 has 5 - 4 = 1 block left: d1 despite more running
+    assert second.decode.instance_id == "d1"
+    with pytest.raises(NoInstance) as exc:
+        r.plan(60, 4, [])
+    assert exc.value.saturated and exc.value.role == "decode"
+    r.release_blocks(first)
+    assert r.plan(60, 4, []).decode.instance_id == "d0"
+
+
+def test_router_balances_by_inflight_between_refreshes():
+    r = Router()
+    r.update([_inst("p0", "prefill"), _inst("d0", "decode", running=0, free_blocks=1000),
+              _inst("d1", "decode", running=0, free_blocks=1000)])
+    picks = [r.plan(10, 4, []).decode.instance_id for _ in range(10)]
+    assert picks.count("d0") == picks.count("d1") == 5
+
+
+def test_router_dead_instance_never_chosen():
+    r = Router()
+    r.update([_inst("p0", "prefill"), _inst("d0", "decode", running=9, free_blocks=100),
+              _inst("d1", "decode", running=0, free_blocks=100)])
+    r.update([_inst("p0", "prefill"), _inst("d0", "decode", running=9, free_blocks=100)])  # d1's TTL expired
+    assert {r.plan(10, 4, []).decode.instance_id for _ in range(3)} == {"d0"}
+    assert not r.is_live("d1")
+
+
+def test_token_stream_records_receipt_time():
+    async def run():
+        q = asyncio.Queue()
+        q.put_nowait(("token_delta", pb.TokenDelta(request_id="r", token_ids=[7], offset=0, finished=True,
+                                                   finish_reason="stop"), 12.5))
+        s = TokenStream(q, deadline=asyncio.get_running_loop().time() + 5)
+        await s.next()
+        return s.received_at
+
+    assert asyncio.run(run()) == 12.5

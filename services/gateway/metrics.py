@@ -1,0 +1,83 @@
+"""Prometheus metrics of the gateway (``GET /metrics``, names prefixed ``epd_``).
+
+Latencies follow the field's definitions (vLLM ``bench serve``): TTFT from the HTTP request's
+arrival to its first token; ITL every gap between consecutive token batches; TPOT a request's
+mean gap after the first token; end-to-end arrival to last token.
+
+Transfer bytes are *derived* at the gateway, not measured: feature bytes are the cache
+entry's ``nbytes`` (cached route) or ``num_tokens × hidden × dtype size`` (encode route);
+KV bytes are the prompt's whole blocks × block size × per-token KV size from config.json
+(``layers × 2 × kv_heads × head_dim × dtype size``). Transfer *seconds* are the stages' to
+report (they do the transfers); the gateway has no honest number for them.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0,
+                    1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+_OVERHEAD_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.003, 0.005, 0.0075,
+                     0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+
+
+class _InstanceCollector:
+    """Per-instance load from the gateway's registry view, read at scrape time."""
+
+    def __init__(self, router) -> None:
+        self.router = router
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        load = GaugeMetricFamily("epd_instance_load", "Load an instance published in the registry "
+                                 "(encoder queued_images/queued_patches, prefill queued_tokens, decode "
+                                 "running/free_blocks)", labels=["instance", "role", "key"])
+        charged = GaugeMetricFamily("epd_instance_inflight_cost", "Cost this gateway charged to an instance "
+                                    "and has not released yet", labels=["instance"])
+        for role, infos in self.router.instances.items():
+            for info in infos:
+                for key, value in info.load.items():
+                    load.add_metric([info.instance_id, role, key], float(value))
+        for instance, cost in self.router.charged().items():
+            charged.add_metric([instance], cost)
+        yield load
+        yield charged
+
+
+class GatewayMetrics:
+    """Every gateway metric, in a registry of its own (several gateways per test process)."""
+
+    def __init__(self, router) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.ttft = Histogram("epd_ttft_seconds", "Time to first token", buckets=_LATENCY_BUCKETS, registry=r)
+        self.tpot = Histogram("epd_tpot_seconds", "Time per output token after the first (per request)",
+                              buckets=_LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram("epd_itl_seconds", "Inter-token latency", buckets=_LATENCY_BUCKETS, registry=r)
+        self.e2e = Histogram("epd_e2e_latency_seconds", "Request arrival to last token",
+                             buckets=_LATENCY_BUCKETS, registry=r)
+        self.ingress = Histogram("epd_gateway_ingress_seconds", "Gateway time from the HTTP handler's start to "
+                                 "the PrefillRequest handed to ZeroMQ", buckets=_OVERHEAD_BUCKETS, registry=r)
+        self.egress = Histogram("epd_gateway_egress_seconds", "Gateway time from a TokenDelta read off the "
+                                "socket to its SSE chunk written", buckets=_OVERHEAD_BUCKETS, registry=r)
+        self.requests = Counter("epd_requests", "Requests admitted, by route", ["route"], registry=r)
+        self.finished = Counter("epd_requests_finished", "Requests ended, by finish reason "
+                                "(stop, length, abort, error)", ["finish_reason"], registry=r)
+        self.errors = Counter("epd_request_errors", "Error responses, by HTTP status", ["status"], registry=r)
+        self.instance_requests = Counter("epd_instance_requests", "Requests (or encoder image batches) sent "
+                                         "to an instance", ["instance", "role"], registry=r)
+        self.images_encoded = Counter("epd_images_encoded", "Images sent to an encoder", registry=r)
+        self.cache_hits = Counter("epd_feature_cache_hits", "Images whose features were live in the cache",
+                                  registry=r)
+        self.cache_misses = Counter("epd_feature_cache_misses", "Images that had to be encoded", registry=r)
+        self.transfer_bytes = Counter("epd_transfer_bytes", "Bytes moved one-sided between stages, derived at "
+                                      "the gateway (kind: feature, kv)", ["kind"], registry=r)
+        self.prompt_tokens = Counter("epd_prompt_tokens", "Prompt tokens admitted", registry=r)
+        self.generation_tokens = Counter("epd_generation_tokens", "Tokens generated", registry=r)
+        r.register(_InstanceCollector(router))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

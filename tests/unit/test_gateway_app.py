@@ -1,0 +1,243 @@
+"""The gateway application in-process against scripted fake stages (no model runs).
+
+A fake prefill + decode pair registers in a real Redis (its own db) and answers every
+PrefillRequest with a scripted token stream; it records what the gateway sends, so the tests
+see AbortRequests for stop strings, timeouts and disconnects. Covers 401, 413, 429, 503 and
+504, each followed by a good request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+
+import pytest
+import zmq
+from aiohttp.test_utils import TestClient, TestServer
+
+from epd.config import GatewayConfig
+from epd.registry.registry import InstanceInfo, Registry
+from epd.wire.codec import unpack
+from epd.wire.gen import epd_pb2 as pb
+from epd.wire.sockets import Inbox, Outbox
+from services.gateway.app import make_app
+
+pytestmark = pytest.mark.timeout(120)
+TEXT = "hello world. The garden STOP here and more words follow after it"
+
+
+class FakeStages(threading.Thread):
+    """Prefill and decode at one inbox: streams ``script`` (one token per delta, ``delay`` apart)."""
+
+    def __init__(self, url: str, script: list[int], delay: float = 0.0, hang: bool = False,
+                 free_blocks: int = 1000) -> None:
+        super().__init__(daemon=True)
+        self.script, self.delay, self.hang = script, delay, hang
+        self.ctx = zmq.Context.instance()
+        self.inbox = Inbox(self.ctx, "127.0.0.1")
+        self.outbox = Outbox(self.ctx, "fake")
+        self.received: list[tuple[str, object]] = []
+        self.aborted: set[str] = set()
+        self.registry = Registry(url)
+        self.registry.put_instance(InstanceInfo("fake-p", ["prefill"], self.inbox.address,
+                                                load={"queued_tokens": 0}), 60)
+        self.registry.put_instance(InstanceInfo("fake-d", ["decode"], self.inbox.address,
+                                                capacity={"block_size": 16},
+                                                load={"running": 0, "free_blocks": free_blocks}), 60)
+        self._halt = threading.Event()
+        self.start()
+
+    def run(self) -> None:
+        while not self._halt.is_set():
+            frames = self.inbox.recv(20)
+            if frames is None:
+                continue
+            _, field, msg = unpack(frames[0])
+            self.received.append((field, msg))
+            if field == "abort_request":
+                self.aborted.add(msg.request_id)
+            if field == "prefill_request" and not self.hang:
+                self._answer(msg)
+
+    def _answer(self, req: pb.PrefillRequest) -> None:
+        n = min(len(self.script), req.sampling.max_tokens)
+        for i in range(n):
+            if req.request_id in self.aborted or self._halt.is_set():
+                return
+            last = i == n - 1
+            self.outbox.send(req.reply_to, pb.TokenDelta(
+                request_id=req.request_id, token_ids=[self.script[i]], offset=i, finished=last,
+                finish_reason="length" if last else "", num_prompt_tokens=len(req.prompt_token_ids),
+                stage="prefill" if i == 0 else "decode"))
+            if self.delay:
+                time.sleep(self.delay)
+            while frames := self.inbox.recv(0):  # notice aborts while streaming
+                _, field, msg = unpack(frames[0])
+                self.received.append((field, msg))
+                if field == "abort_request":
+                    self.aborted.add(msg.request_id)
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join(5)
+        self.registry.r.flushdb()
+        self.inbox.close()
+        self.outbox.close()
+
+
+def _db(redis_url: str, n: int) -> str:
+    return redis_url.rsplit("/", 1)[0] + f"/{n}"
+
+
+def _cfg(url: str, model, **kw) -> GatewayConfig:
+    return GatewayConfig(redis_url=url, model=model, registry_refresh_s=0.1, **kw)
+
+
+async def _client(cfg: GatewayConfig) -> TestClient:
+    client = TestClient(TestServer(make_app(cfg), handler_cancellation=True))
+    await client.start_server()
+    return client
+
+
+def _chat(text="hi", **kw):
+    return {"messages": [{"role": "user", "content": text}], "max_tokens": 64, "temperature": 0, **kw}
+
+
+@pytest.fixture(scope="module")
+def script(tiny_model):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model)(TEXT)["input_ids"]
+
+
+def _assert_error(status, body, want_status, want_type=None):
+    assert status == want_status, body
+    assert set(body["error"]) == {"message", "type", "param", "code"} and body["error"]["message"]
+    if want_type:
+        assert body["error"]["type"] == want_type
+
+
+def test_stop_strings_non_streaming_and_streaming(redis_url, tiny_model, script):
+    url = _db(redis_url, 3)
+    fake = FakeStages(url, script)
+
+    async def run():
+        c = await _client(_cfg(url, tiny_model))
+        try:
+            r = await c.post("/v1/chat/completions", json=_chat(stop=["STOP"]))
+            full = await r.json()
+            r2 = await c.post("/v1/chat/completions", json=_chat(stop="STOP", stream=True,
+                                                                 stream_options={"include_usage": True}))
+            raw = (await r2.read()).decode()
+            plain = await (await c.post("/v1/chat/completions", json=_chat())).json()
+            comp = await (await c.post("/v1/completions", json={"prompt": "hi", "max_tokens": 64, "stop": ["STOP"]}))\
+                .json()
+            metrics = await (await c.get("/metrics")).text()
+            return full, raw, plain, comp, metrics
+        finally:
+            await c.close()
+
+    try:
+        full, raw, plain, comp, metrics = asyncio.run(run())
+    finally:
+        fake.stop()
+    before = TEXT.split("STOP")[0]
+    assert plain["choices"][0]["message"]["content"] == TEXT and plain["choices"][0]["finish_reason"] == "length"
+    choice = full["choices"][0]
+    assert choice["message"]["content"] == before and choice["finish_reason"] == "stop"
+    assert full["object"] == "chat.completion" and full["system_fingerprint"] and full["id"].startswith("chatcmpl-")
+    assert comp["object"] == "text_completion" and comp["choices"][0]["text"] == before
+    events = [e[len("data: "):] for e in raw.split("\n\n") if e]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"]) == before
+    assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] == "stop"
+    assert chunks[-1]["usage"]["completion_tokens"] < len(script) and chunks[0]["usage"] is None
+    stopped = {full["id"], chunks[0]["id"], comp["id"]}
+    assert stopped <= fake.aborted  # the stages were told to stop generating
+    assert plain["id"] not in fake.aborted
+    assert 'epd_requests_finished_total{finish_reason="stop"} 3.0' in metrics
+    assert 'epd_requests_total{route="text"} 4.0' in metrics
+
+
+def test_timeout_504_and_disconnect_abort(redis_url, tiny_model, script):
+    url = _db(redis_url, 4)
+    fake = FakeStages(url, script * 10, delay=0.05)
+
+    async def run():
+        c = await _client(_cfg(url, tiny_model, request_timeout_s=1.0))
+        try:
+            fake.hang = True
+            r = await c.post("/v1/chat/completions", json=_chat())
+            timeout = (r.status, await r.json())
+            fake.hang = False
+            resp = await c.post("/v1/chat/completions", json=_chat(stream=True, max_tokens=500))
+            rid = resp.headers["x-request-id"]
+            await resp.content.readline()
+            resp.close()  # client goes away mid-stream
+            for _ in range(100):
+                if rid in fake.aborted:
+                    break
+                await asyncio.sleep(0.02)
+            ok = await c.post("/v1/chat/completions", json=_chat(max_tokens=3))
+            return timeout, rid, ok.status
+        finally:
+            await c.close()
+
+    try:
+        timeout, rid, ok_status = asyncio.run(run())
+    finally:
+        fake.stop()
+    _assert_error(*timeout, 504, "timeout")
+    assert rid in fake.aborted
+    assert ok_status == 200
+
+
+def test_auth_body_limit_and_unavailable(redis_url, tiny_model, script):
+    url = _db(redis_url, 5)
+
+    async def run():
+        c = await _client(_cfg(url, tiny_model, api_key="sk-test", max_body_mb=1))
+        auth = {"Authorization": "Bearer sk-test"}
+        out = {}
+        try:
+            r = await c.post("/v1/chat/completions", json=_chat())
+            out["missing_key"] = (r.status, await r.json())
+            r = await c.post("/v1/chat/completions", json=_chat(), headers={"Authorization": "Bearer nope"})
+            out["wrong_key"] = (r.status, await r.json())
+            out["health_open"] = (await c.get("/health")).status
+            r = await c.post("/v1/chat/completions", json=_chat(), headers=auth)
+            out["none_up"] = (r.status, await r.json(), r.headers.get("Retry-After"))
+            fake = FakeStages(url, script, free_blocks=0)
+            try:
+                await asyncio.sleep(0.3)
+                r = await c.post("/v1/chat/completions", json=_chat(), headers=auth)
+                out["saturated"] = (r.status, await r.json(), r.headers.get("Retry-After"))
+            finally:
+                fake.stop()
+            fake = FakeStages(url, script)
+            try:
+                await asyncio.sleep(0.3)
+                r = await c.post("/v1/chat/completions", data=b"x" * (2 << 20), headers=auth)
+                out["too_large"] = (r.status, await r.json())
+                r = await c.post("/v1/chat/completions", json=_chat(max_tokens=3), headers=auth)
+                out["ok"] = r.status
+            finally:
+                fake.stop()
+        finally:
+            await c.close()
+        return out
+
+    out = asyncio.run(run())
+    _assert_error(*out["missing_key"], 401)
+    _assert_error(*out["wrong_key"], 401)
+    assert out["wrong_key"][1]["error"]["code"] == "invalid_api_key"
+    assert out["health_open"] == 503  # no instances yet, but no key needed
+    _assert_error(*out["none_up"][:2], 503, "service_unavailable")
+    assert out["none_up"][2] == "1"
+    _assert_error(*out["saturated"][:2], 429)
+    assert out["saturated"][2] == "1"
+    _assert_error(*out["too_large"], 413)
+    assert out["ok"] == 200
