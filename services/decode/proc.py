@@ -14,6 +14,7 @@ from epd.config import DecodeConfig
 from epd.device import torch_dtype
 from epd.engine.kv_pool import KvLayout, KvPool
 from epd.engine.sampling import SamplingParams
+from epd.engine.tombstones import Tombstones
 from epd.models.qwen2_runner import Qwen2VLRunner
 from epd.models.qwen2_vl import Qwen2VLAdapter
 from epd.service import ServiceProc
@@ -40,6 +41,7 @@ class DecodeProc(ServiceProc):
         self.engine = DecodeEngine(Qwen2VLRunner(adapter), KvPool(layout, self.region.tensor),
                                    config.decode_max_batch, set(adapter.eos_token_ids))
         self.reply_to: dict[str, str] = {}  # request id -> gateway inbox, once KvReady arrived
+        self.aborted = Tombstones(ttl_s=60.0)  # aborts that may overtake a KvAllocRequest
         logger.info("KV pool: %d blocks x %d tokens, %d bytes", num_blocks, config.kv_block_size, layout.nbytes)
 
     def handlers(self):
@@ -64,6 +66,9 @@ class DecodeProc(ServiceProc):
 
     # -- handlers ----------------------------------------------------------------------
     def on_kv_alloc_request(self, env, msg: pb.KvAllocRequest, blobs) -> None:
+        if msg.request_id in self.aborted:
+            logger.info("request %s: block request arrived after its abort, dropped", msg.request_id)
+            return
         try:
             self.engine.request_blocks(msg.request_id, msg.num_tokens, time.time() + self.cfg.request_timeout_s,
                                        msg.reply_to)
@@ -71,6 +76,8 @@ class DecodeProc(ServiceProc):
             self.fail(msg.reply_to, msg.request_id, pb.OUT_OF_CAPACITY, str(exc))
 
     def on_kv_ready(self, env, msg: pb.KvReady, blobs) -> None:
+        if msg.request_id in self.aborted:
+            return
         try:
             self.engine.start(msg.request_id, msg.first_token_id, msg.rope_delta,
                               SamplingParams.from_proto(msg.sampling), msg.deadline)
@@ -80,6 +87,7 @@ class DecodeProc(ServiceProc):
         self.reply_to[msg.request_id] = msg.reply_to
 
     def on_abort(self, env, msg: pb.AbortRequest, blobs) -> None:
+        self.aborted.add(msg.request_id)
         self.engine.abort(msg.request_id)
         self.reply_to.pop(msg.request_id, None)
 

@@ -18,6 +18,7 @@ from epd.config import PrefillConfig
 from epd.device import torch_dtype
 from epd.engine.region_alloc import RangeAllocator, RegionFull
 from epd.engine.sampling import Sampler, SamplingParams, finish_reason
+from epd.engine.tombstones import Tombstones
 from epd.models.qwen2_runner import Qwen2VLRunner
 from epd.models.qwen2_vl import Qwen2VLAdapter
 from epd.service import ServiceProc
@@ -42,6 +43,7 @@ class PrefillProc(ServiceProc):
         self.requests: dict[str, PrefillState] = {}
         self.orphans: dict[str, tuple[float, list[pb.FeaturesReady]]] = {}
         self.eos_ids = set(self.adapter.eos_token_ids)
+        self.aborted = Tombstones(ttl_s=ORPHAN_TTL_S)
 
     def handlers(self):
         return {
@@ -63,6 +65,9 @@ class PrefillProc(ServiceProc):
     # -- handlers ----------------------------------------------------------------------
     def on_prefill_request(self, env, req: pb.PrefillRequest, blobs) -> None:
         rid = req.request_id
+        if rid in self.aborted:  # its AbortRequest overtook it
+            logger.info("request %s: arrived after its abort, dropped", rid)
+            return
         state = PrefillState(req=req, deadline=req.deadline or time.time() + self.cfg.request_timeout_s)
         self.requests[rid] = state
         # Reserve decode blocks now, before computing (receivers allocate, senders write).
@@ -76,6 +81,8 @@ class PrefillProc(ServiceProc):
 
     def on_features_ready(self, env, msg: pb.FeaturesReady, blobs) -> None:
         state = self.requests.get(msg.request_id)
+        if msg.request_id in self.aborted:
+            return
         if state is None:  # raced ahead of its PrefillRequest
             self.orphans.setdefault(msg.request_id, (time.time(), []))[1].append(msg)
             return
@@ -100,6 +107,7 @@ class PrefillProc(ServiceProc):
 
     def on_abort(self, env, msg: pb.AbortRequest, blobs) -> None:
         self.orphans.pop(msg.request_id, None)
+        self.aborted.add(msg.request_id)
         state = self.requests.get(msg.request_id)
         if state is not None:
             self._drop(state)

@@ -136,13 +136,15 @@ def test_blocks_freed_after_requests(cluster, photos, redis_url):
     assert body["choices"][0]["finish_reason"] in ("length", "stop")
     reg = Registry(redis_url)
     deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline:  # loads arrive by heartbeat: poll until both settle
         [dec] = reg.instances("decode")
-        if dec.load.get("free_blocks") == dec.load.get("total_blocks") and dec.load.get("reserved") == 0:
+        [pre] = reg.instances("prefill")
+        if (dec.load.get("free_blocks") == dec.load.get("total_blocks") and dec.load.get("reserved") == 0
+                and pre.load.get("queued_requests") == 0):
             break
         time.sleep(0.2)
     assert dec.load["free_blocks"] == dec.load["total_blocks"] > 0
-    [pre] = reg.instances("prefill")
+    assert dec.load["running"] == dec.load["reserved"] == dec.load["queued"] == 0
     assert pre.load["queued_requests"] == 0
 
 
