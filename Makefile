@@ -22,7 +22,7 @@ lint: $(STAMP)
 	.venv/bin/ruff check epd services tests benchmarks
 
 proto: $(STAMP)         ## regenerate epd/wire/gen from proto/
-	.venv/bin/python -m grpc_tools.protoc -Iproto --python_out=epd/wire/gen --pyi_out=epd/wire/gen proto/epd.proto
+	.venv/bin/python -m grpc_tools.protoc -Iproto --python_out=epd/wire/gen --pyi_out=epd/wire/gen proto/epd.proto proto/admin.proto
 
 clean:
 	rm -rf .venv *.egg-info .pytest_cache

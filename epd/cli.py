@@ -1,15 +1,17 @@
-"""The ``epd`` command: ``epd up``, ``epd serve ROLE``, ``epd model build``."""
+"""The ``epd`` command: ``epd up``, ``epd serve ROLES``, ``epd health|stats|drain ADDR``, ``epd model build``."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import runpy
 import sys
 from pathlib import Path
 
 from epd import config
 
-ROLES = ("encoder", "prefill", "decode", "gateway")
+ROLES_HELP = "gateway, or backend roles: encoder | prefill | decode | a co-located set such as EP, PD, encoder,prefill"
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
@@ -18,15 +20,65 @@ def _cmd_up(args: argparse.Namespace) -> int:
     overrides = {
         "encoders": args.encoders, "prefills": args.prefills, "decodes": args.decodes,
         "gateway_port": args.port, "gateway_host": args.host, "model": args.model,
-        "redis_url": args.redis_url, "transfer_backend": args.transfer_backend,
+        "redis_url": args.redis_url, "transfer_backend": args.transfer_backend, "topology": args.topology,
     }
     cfg = config.load(config.LauncherConfig, **overrides)
     return up(cfg)
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    sys.argv = [f"services.{args.role}"]
-    runpy.run_module(f"services.{args.role}", run_name="__main__")
+    from epd.topology import parse_roles
+
+    if args.role == "gateway":
+        module = "services.gateway"
+    else:
+        try:
+            roles = parse_roles(args.role)
+        except ValueError as exc:
+            raise config.ConfigError(f"epd serve: {exc}") from None
+        if len(roles) == 1:
+            module = f"services.{roles[0]}"
+        else:
+            os.environ["EPD_ROLES"] = ",".join(roles)  # read by services.host through epd.config
+            module = "services"
+    sys.argv = [module]
+    runpy.run_module(module, run_name="__main__", alter_sys=True)
+    return 0
+
+
+def _cmd_health(args: argparse.Namespace) -> int:
+    """Exit 0 when SERVING (compose healthchecks use this), 1 otherwise."""
+    from epd.admin import AdminError, check_health
+
+    try:
+        status = check_health(args.address, args.service, timeout_s=args.timeout)
+    except AdminError as exc:
+        print(f"UNREACHABLE {exc}", file=sys.stderr)
+        return 1
+    print(status)
+    return 0 if status == "SERVING" else 1
+
+
+def _cmd_stats(args: argparse.Namespace) -> int:
+    from epd.admin import AdminError, get_stats, stats_dict
+
+    try:
+        print(json.dumps(stats_dict(get_stats(args.address, args.role, timeout_s=args.timeout)), indent=2))
+    except AdminError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    return 0
+
+
+def _cmd_drain(args: argparse.Namespace) -> int:
+    from epd.admin import AdminError, drain, stats_dict
+
+    try:
+        reply = drain(args.address, args.role, drain_timeout_s=args.drain_timeout, timeout_s=args.timeout)
+    except AdminError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    print(json.dumps(stats_dict(reply), indent=2))
     return 0
 
 
@@ -51,11 +103,29 @@ def main(argv: list[str] | None = None) -> None:
     p_up.add_argument("--model", help="model directory (EPD_MODEL; default: tiny preset, built if missing)")
     p_up.add_argument("--redis-url", help="external Redis (EPD_REDIS_URL; default: embedded)")
     p_up.add_argument("--transfer-backend", choices=["mooncake", "shm"], help="EPD_TRANSFER_BACKEND")
+    p_up.add_argument("--topology", help="EPD_TOPOLOGY, e.g. E-P-D, EP-D, E-PD, EPD, (E-P)-D, 2E-1P-1D "
+                      "(overrides the counts; see README 'Topologies')")
     p_up.set_defaults(func=_cmd_up)
 
-    p_serve = sub.add_parser("serve", help="run one service in the foreground (config from EPD_*)")
-    p_serve.add_argument("role", choices=ROLES)
+    p_serve = sub.add_parser("serve", help="run one process in the foreground (config from EPD_*)")
+    p_serve.add_argument("role", help=ROLES_HELP)
     p_serve.set_defaults(func=_cmd_serve)
+
+    for name, fn, helptext in (
+        ("health", _cmd_health, "gRPC health check of a backend process (exit 0 when SERVING)"),
+        ("stats", _cmd_stats, "load + capacity of a backend process's roles (JSON)"),
+        ("drain", _cmd_drain, "drain a backend process: no new work, finish in-flight, deregister, exit"),
+    ):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("address", help="admin address host:port (EPD_ADMIN_PORT; registry field 'admin')")
+        p.add_argument("--timeout", type=float, default=3.0, help="RPC deadline in seconds")
+        if name == "health":
+            p.add_argument("--service", default="", help="role to check (default: the whole process)")
+        else:
+            p.add_argument("--role", default="", help="only this role (default: every hosted role)")
+        if name == "drain":
+            p.add_argument("--drain-timeout", type=float, default=0.0, help="seconds (0: EPD_DRAIN_TIMEOUT_S)")
+        p.set_defaults(func=fn)
 
     p_model = sub.add_parser("model", help="model utilities")
     msub = p_model.add_subparsers(dest="model_command", required=True)

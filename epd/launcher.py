@@ -1,5 +1,6 @@
 """``epd up``: Redis (embedded unless ``EPD_REDIS_URL``), the model (tiny preset unless
-``EPD_MODEL``), then every service as its own process, supervised by honcho.
+``EPD_MODEL``), then the processes of the topology (``EPD_TOPOLOGY``, e.g. ``E-P-D``, ``EP-D``;
+see :mod:`epd.topology`) plus the gateway, supervised by honcho.
 
 Each process's log lines are prefixed with its name; Ctrl-C / SIGTERM stops all of them
 (honcho signals each process group, then kills stragglers), and each service also exits
@@ -18,10 +19,12 @@ import time
 import urllib.request
 from pathlib import Path
 
+import honcho.manager
 import platformdirs
 from honcho.manager import Manager
 
 from epd.config import LauncherConfig, environ_snapshot
+from epd.topology import Topology, from_counts, parse_topology
 
 logger = logging.getLogger(__name__)
 
@@ -67,21 +70,45 @@ class EmbeddedRedis:
             pass
 
 
+def deployment_topology(cfg: LauncherConfig) -> Topology:
+    """``EPD_TOPOLOGY`` / ``--topology`` if given, else ``{E}E-{P}P-{D}D`` from the counts."""
+    if cfg.topology:
+        return parse_topology(cfg.topology)
+    return from_counts(cfg.encoders, cfg.prefills, cfg.decodes)
+
+
 def service_commands(cfg: LauncherConfig) -> list[tuple[str, str, dict[str, str]]]:
-    """``(name, command, extra env)`` for every process of the deployment."""
+    """``(name, command, extra env)`` for every process of the deployment (gateway last).
+
+    A one-role process runs ``python -m services.<role>`` (name ``<role>-<i>``); a
+    co-located one runs ``python -m services`` with ``EPD_ROLES`` (name e.g. ``ep-0``; its
+    roles register as ``ep-0-encoder``, ``ep-0-prefill``). On ``cuda``/``npu`` without an
+    index, each process gets the device of its topology element (``cuda:<n>``).
+    """
     py = shlex.quote(sys.executable)
     procs = []
-    for role, count in (("encoder", cfg.encoders), ("prefill", cfg.prefills), ("decode", cfg.decodes)):
-        for i in range(count):
-            name = f"{role}-{i}"
-            procs.append((name, f"exec {py} -m services.{role}", {"EPD_INSTANCE_ID": name}))
+    seen: dict[str, int] = {}
+    for spec in deployment_topology(cfg).processes:
+        key = spec.roles[0] if len(spec.roles) == 1 else spec.name.lower()
+        name = f"{key}-{seen.get(key, 0)}"
+        seen[key] = seen.get(key, 0) + 1
+        extra = {"EPD_INSTANCE_ID": name}
+        if len(spec.roles) == 1:
+            cmd = f"exec {py} -m services.{spec.roles[0]}"
+        else:
+            cmd = f"exec {py} -m services"
+            extra["EPD_ROLES"] = ",".join(spec.roles)
+        if cfg.device in ("cuda", "npu"):
+            extra["EPD_DEVICE"] = f"{cfg.device}:{spec.device}"
+        procs.append((name, cmd, extra))
     procs.append(("gateway", f"exec {py} -m services.gateway", {"EPD_INSTANCE_ID": "gateway"}))
     return procs
 
 
 def _wait_healthy(cfg: LauncherConfig, manager: Manager, url: str) -> None:
     deadline = time.monotonic() + cfg.startup_timeout_s
-    want = {"encoder": cfg.encoders, "prefill": cfg.prefills, "decode": cfg.decodes}
+    topo = deployment_topology(cfg)
+    want = {role: topo.count(role) for role in ("encoder", "prefill", "decode")}
     import json
 
     while time.monotonic() < deadline and not manager._terminating:
@@ -89,7 +116,8 @@ def _wait_healthy(cfg: LauncherConfig, manager: Manager, url: str) -> None:
             with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
                 counts = json.loads(resp.read())["instances"]
             if all(counts.get(r, 0) >= n for r, n in want.items()):
-                print(f"\nepd-serve is up: {url}/v1  (OpenAI-compatible; Ctrl-C stops everything)\n", flush=True)
+                print(f"\nepd-serve is up ({topo.notation}): {url}/v1  (OpenAI-compatible; Ctrl-C stops everything)\n",
+                      flush=True)
                 return
         except Exception:
             pass
@@ -116,6 +144,7 @@ def up(cfg: LauncherConfig) -> int:
         "EPD_TRANSFER_BACKEND": cfg.transfer_backend, "EPD_DEVICE": cfg.device, "EPD_LOG_LEVEL": cfg.log_level,
         "PYTHONUNBUFFERED": "1",
     }
+    honcho.manager.KILL_WAIT = cfg.drain_timeout_s + 5  # let SIGTERM drains finish before SIGKILL
     manager = Manager()
     for name, cmd, extra in service_commands(cfg):
         manager.add_process(name, cmd, env={**env, **extra}, cwd=str(Path(__file__).resolve().parents[1]))
@@ -126,4 +155,7 @@ def up(cfg: LauncherConfig) -> int:
     finally:
         if redis_srv is not None:
             redis_srv.close()
+    codes = [p.get("returncode") for p in manager._processes.values()]
+    if manager.returncode in (130, 143) and all(c == 0 for c in codes):
+        return 0  # stopped by Ctrl-C / SIGTERM and every process shut down cleanly
     return manager.returncode or 0

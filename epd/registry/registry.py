@@ -37,6 +37,7 @@ class InstanceInfo:
         inbox: ZeroMQ PULL address, ``tcp://host:port``.
         transfer_handle: handle of the instance's registered region ("" when none).
         model: model directory or name served.
+        admin: gRPC address (``host:port``) of the process's health + admin service ("" when none).
         capacity: static sizes (e.g. ``{"kv_blocks": 512, "block_size": 16}``).
         load: current load published by heartbeat (encoder: ``queued_images``,
             ``queued_patches``; prefill: ``queued_tokens``, ``features_pending``; decode:
@@ -51,6 +52,7 @@ class InstanceInfo:
     capacity: dict[str, int] = field(default_factory=dict)
     load: dict[str, float] = field(default_factory=dict)
     pid: int = 0
+    admin: str = ""
 
 
 @dataclass

@@ -1,16 +1,7 @@
-"""``python -m services.decode`` — run one decode instance (config from ``EPD_*``)."""
+"""``python -m services.decode`` — run one decode instance (config from ``EPD_*``; see services.host)."""
 
-from epd import config
-from epd.service import run_main, setup_logging
-
-
-def main() -> None:
-    cfg = config.load(config.DecodeConfig)
-    setup_logging(cfg.log_level, "decode")
-    from services.decode.proc import DecodeProc  # after config: heavy imports
-
-    DecodeProc(cfg).serve()
-
+from epd.service import run_main
+from services.host import main
 
 if __name__ == "__main__":
-    run_main(main)
+    run_main(lambda: main("decode"))

@@ -1,16 +1,7 @@
-"""``python -m services.encoder`` — run one encoder instance (config from ``EPD_*``)."""
+"""``python -m services.encoder`` — run one encoder instance (config from ``EPD_*``; see services.host)."""
 
-from epd import config
-from epd.service import run_main, setup_logging
-
-
-def main() -> None:
-    cfg = config.load(config.EncoderConfig)
-    setup_logging(cfg.log_level, "encoder")
-    from services.encoder.proc import EncoderProc  # after config: heavy imports
-
-    EncoderProc(cfg).serve()
-
+from epd.service import run_main
+from services.host import main
 
 if __name__ == "__main__":
-    run_main(main)
+    run_main(lambda: main("encoder"))

@@ -1,16 +1,7 @@
-"""``python -m services.prefill`` — run one prefill instance (config from ``EPD_*``)."""
+"""``python -m services.prefill`` — run one prefill instance (config from ``EPD_*``; see services.host)."""
 
-from epd import config
-from epd.service import run_main, setup_logging
-
-
-def main() -> None:
-    cfg = config.load(config.PrefillConfig)
-    setup_logging(cfg.log_level, "prefill")
-    from services.prefill.proc import PrefillProc  # after config: heavy imports
-
-    PrefillProc(cfg).serve()
-
+from epd.service import run_main
+from services.host import main
 
 if __name__ == "__main__":
-    run_main(main)
+    run_main(lambda: main("prefill"))

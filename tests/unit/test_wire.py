@@ -36,10 +36,10 @@ def test_generated_code_matches_proto(tmp_path):
     """Drift check: regenerating from proto/ must reproduce the committed epd/wire/gen files."""
     subprocess.run(
         [sys.executable, "-m", "grpc_tools.protoc", f"-I{ROOT / 'proto'}", f"--python_out={tmp_path}",
-         f"--pyi_out={tmp_path}", str(ROOT / "proto" / "epd.proto")],
+         f"--pyi_out={tmp_path}", str(ROOT / "proto" / "epd.proto"), str(ROOT / "proto" / "admin.proto")],
         check=True,
     )
-    for name in ("epd_pb2.py", "epd_pb2.pyi"):
+    for name in ("epd_pb2.py", "epd_pb2.pyi", "admin_pb2.py", "admin_pb2.pyi"):
         fresh = (tmp_path / name).read_text()
         committed = (ROOT / "epd" / "wire" / "gen" / name).read_text()
         assert fresh == committed, f"{name} is stale: run `make proto`"

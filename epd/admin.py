@@ -1,0 +1,195 @@
+"""Health and admin gRPC service of a backend process (DESIGN.md §9; contract: proto/admin.proto).
+
+Every backend process serves, on ``EPD_ADMIN_PORT`` (0 = any free port, registered as
+``InstanceInfo.admin``):
+
+- the standard health service ``grpc.health.v1.Health``: service ``""`` is the whole
+  process (SERVING once every hosted role is registered, NOT_SERVING as soon as one drains),
+  and one service per hosted role (``"encoder"``, ``"prefill"``, ``"decode"``);
+- ``epd.admin.v1.Admin``: ``Stats`` (each role's load + capacity + in-flight count) and
+  ``Drain`` (stop taking new work, finish in-flight, deregister, exit).
+
+The server runs in gRPC's own threads while each role's loop runs in another: ``Stats``
+reads the same :meth:`ServiceProc.load` the heartbeat thread calls (a snapshot of the
+loop's containers, never a mutation), and ``Drain`` only sets a flag the loop checks.
+Only the messages are generated from the .proto (``make proto``); method handlers are
+built here from the service descriptor, so no generated gRPC module has to be importable.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from epd.config import ConfigError
+from epd.wire.gen import admin_pb2 as apb
+
+if TYPE_CHECKING:
+    from epd.service import ServiceProc
+
+logger = logging.getLogger(__name__)
+
+SERVICE = apb.DESCRIPTOR.services_by_name["Admin"].full_name  # "epd.admin.v1.Admin"
+_TYPES = {"Stats": (apb.StatsRequest, apb.StatsReply), "Drain": (apb.DrainRequest, apb.DrainReply)}
+
+
+class AdminError(RuntimeError):
+    """The admin or health service could not be reached or answered with an error."""
+
+
+def role_stats(proc: ServiceProc) -> apb.RoleStats:
+    """One role's stats; ``load()`` races the loop thread, so a failed snapshot is retried once.
+
+    Raises:
+        RuntimeError: the snapshot failed twice.
+    """
+    for attempt in range(2):
+        try:
+            load, capacity, inflight = proc.load(), proc.capacity(), proc.inflight()
+            break
+        except RuntimeError:  # e.g. "deque mutated during iteration"
+            if attempt:
+                raise
+    return apb.RoleStats(
+        role=proc.role, instance_id=proc.instance_id, state=proc.state, inflight=inflight,
+        load={k: float(v) for k, v in load.items()}, capacity={k: int(v) for k, v in capacity.items()},
+    )
+
+
+class AdminServer:
+    """gRPC server with the health and admin services for the ``procs`` of one process.
+
+    Args:
+        procs: the hosted roles.
+        host: bind address (EPD_HOST); port: EPD_ADMIN_PORT (0 = any free port).
+        advertise: the host part of :attr:`address` (what peers and ``epd health`` use).
+
+    Raises:
+        ConfigError: the port cannot be bound (names EPD_ADMIN_PORT).
+    """
+
+    def __init__(self, procs: list[ServiceProc], host: str, port: int, advertise: str) -> None:
+        self.procs = procs
+        self.server = grpc.server(ThreadPoolExecutor(max_workers=4, thread_name_prefix="admin"))
+        self.health = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        handlers = {
+            "Stats": self._handler(self._stats),
+            "Drain": self._handler(self._drain),
+        }
+        self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+        try:
+            bound = self.server.add_insecure_port(f"{host}:{port}")
+        except RuntimeError as exc:
+            raise ConfigError(f"EPD_ADMIN_PORT: cannot bind {host}:{port}: {exc}") from None
+        if not bound:
+            raise ConfigError(f"EPD_ADMIN_PORT: cannot bind {host}:{port}")
+        self.address = f"{advertise}:{bound}"
+        self.sync_health()
+
+    @staticmethod
+    def _handler(fn):
+        name = fn.__name__.strip("_").capitalize()
+        req_t, rep_t = _TYPES[name]
+        return grpc.unary_unary_rpc_method_handler(
+            fn, request_deserializer=req_t.FromString, response_serializer=rep_t.SerializeToString
+        )
+
+    def start(self) -> None:
+        self.server.start()
+        logger.info("admin + health gRPC on %s", self.address)
+
+    def stop(self, grace_s: float = 0.5) -> None:
+        self.health.enter_graceful_shutdown()
+        self.server.stop(grace_s).wait()
+
+    def sync_health(self) -> None:
+        """Publish each role's state as health status. Called on every state change, from the
+        loop threads too (``HealthServicer.set`` takes its own lock)."""
+        serving = health_pb2.HealthCheckResponse.SERVING
+        not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
+        states = [p.state for p in self.procs]
+        for proc in self.procs:
+            self.health.set(proc.role, serving if proc.state == "serving" else not_serving)
+        self.health.set("", serving if all(s == "serving" for s in states) else not_serving)
+
+    def _select(self, role: str, context) -> list[ServiceProc]:
+        procs = [p for p in self.procs if not role or p.role == role]
+        if not procs:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"role {role!r} not hosted here")
+        return procs
+
+    def _stats(self, request: apb.StatsRequest, context) -> apb.StatsReply:
+        procs = self._select(request.role, context)
+        try:
+            return apb.StatsReply(pid=os.getpid(), roles=[role_stats(p) for p in procs])
+        except RuntimeError as exc:
+            context.abort(grpc.StatusCode.UNAVAILABLE, f"stats snapshot failed: {exc}")
+
+    def _drain(self, request: apb.DrainRequest, context) -> apb.DrainReply:
+        procs = self._select(request.role, context)
+        for proc in procs:
+            logger.info("%s: drain requested over admin", proc.instance_id)
+            proc.request_drain(request.timeout_s or None)
+        return apb.DrainReply(roles=[role_stats(p) for p in procs])
+
+
+# -- clients (epd health / epd stats / epd drain) -----------------------------------------
+def _call(address: str, method: str, request, timeout_s: float):
+    req_t, rep_t = _TYPES[method]
+    with grpc.insecure_channel(address) as channel:
+        stub = channel.unary_unary(
+            f"/{SERVICE}/{method}", request_serializer=req_t.SerializeToString,
+            response_deserializer=rep_t.FromString,
+        )
+        try:
+            return stub(request, timeout=timeout_s)
+        except grpc.RpcError as exc:
+            raise AdminError(f"{method} on {address}: {exc.code().name}: {exc.details()}") from None
+
+
+def check_health(address: str, service: str = "", timeout_s: float = 3.0) -> str:
+    """Status of ``service`` ("" = the process) at ``address`` (``host:port``).
+
+    Returns:
+        ``"SERVING"``, ``"NOT_SERVING"``, ``"SERVICE_UNKNOWN"`` or ``"UNKNOWN"``.
+
+    Raises:
+        AdminError: unreachable within ``timeout_s`` seconds.
+    """
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        try:
+            reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout_s)
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.NOT_FOUND:
+                return "SERVICE_UNKNOWN"
+            raise AdminError(f"health of {address}: {exc.code().name}: {exc.details()}") from None
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+
+
+def get_stats(address: str, role: str = "", timeout_s: float = 3.0) -> apb.StatsReply:
+    """Stats of every hosted role (or one). Raises :class:`AdminError`."""
+    return _call(address, "Stats", apb.StatsRequest(role=role), timeout_s)
+
+
+def drain(address: str, role: str = "", drain_timeout_s: float = 0.0, timeout_s: float = 3.0) -> apb.DrainReply:
+    """Ask the process to drain (returns at once). Raises :class:`AdminError`."""
+    return _call(address, "Drain", apb.DrainRequest(role=role, timeout_s=drain_timeout_s), timeout_s)
+
+
+def stats_dict(reply: apb.StatsReply | apb.DrainReply) -> dict:
+    """JSON-ready form of a reply: ``{"pid": …, "roles": [{"role", "instance_id", "state",
+    "inflight", "load": {…}, "capacity": {…}}]}``."""
+    out: dict = {"pid": reply.pid} if isinstance(reply, apb.StatsReply) else {}
+    out["roles"] = [
+        {"role": r.role, "instance_id": r.instance_id, "state": r.state, "inflight": r.inflight,
+         "load": dict(sorted(r.load.items())), "capacity": dict(sorted(r.capacity.items()))}
+        for r in reply.roles
+    ]
+    return out
