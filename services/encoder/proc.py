@@ -36,10 +36,10 @@ class _Job:
 
 
 class EncoderProc(ServiceProc):
-    def __init__(self, config: EncoderConfig) -> None:
+    def __init__(self, config: EncoderConfig, adapter: Qwen2VLAdapter | None = None) -> None:
         super().__init__(config, "encoder", config.feature_pool_mb << 20)
         self.cfg = config
-        self.adapter = Qwen2VLAdapter.load(config.model, dtype=torch_dtype(config.dtype))
+        self.adapter = adapter or Qwen2VLAdapter.load(config.model, dtype=torch_dtype(config.dtype))
         self.pool = FeaturePool(self.region.tensor, on_evict=self._on_evict)
         self.queue: deque[_Job] = deque()
         self.failed: set[str] = set()
