@@ -2,8 +2,8 @@
 
 1. Decode throughput (tokens/s) of the continuous-batching engine (paged KV pool, batched
    forward, per-request sampling) at batch 1, 8, 32 vs the same model's batched HF
-   ``generate`` (greedy, KV cache, padded batch) in the same run. Decode-only: each side's
-   time for ``N+1`` new tokens minus its time for the prompt pass.
+   ``generate`` (greedy, KV cache, equal-length prompts so no padding) in the same run.
+   Decode only: from the first generated token's logits to the last, on both sides.
 2. Prefill throughput (prompt tokens/s): packed prefill of one prompt vs an in-process HF
    forward of the same inputs (``use_cache=True``).
 3. KV transfer prefill → decode through the Mooncake transfer engine (tcp): bytes, GB/s and
@@ -82,20 +82,33 @@ def ours_decode(adapter, runner, batch_prompts, new_tokens: int) -> float:
     return elapsed
 
 
+class _StepClock:
+    """A ``LogitsProcessor`` that only records when each generation step's logits are ready."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def __call__(self, input_ids, scores):
+        self.times.append(time.perf_counter())
+        return scores
+
+
 def hf_decode(model, batch_prompts, new_tokens: int, pad_id: int) -> float:
-    """HF generate: time(new_tokens + 1) − time(1), batched with left padding."""
+    """Seconds HF ``generate`` spends producing ``new_tokens`` tokens after the first one.
+
+    Timed between the logits of the first generated token (end of the prompt pass) and those
+    of the last, as ours is timed from its first decode step to its last.
+    """
+    from transformers import LogitsProcessorList
+
     ids = torch.tensor(batch_prompts)
-    mask = torch.ones_like(ids)
-
-    def run(n):
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=n,
-                                 min_new_tokens=n, pad_token_id=pad_id)
-        assert out.shape[1] == ids.shape[1] + n
-        return time.perf_counter() - t0
-
-    return run(new_tokens + 1) - run(1)
+    clock = _StepClock()
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                             max_new_tokens=new_tokens + 1, min_new_tokens=new_tokens + 1, pad_token_id=pad_id,
+                             logits_processor=LogitsProcessorList([clock]))
+    assert out.shape[1] == ids.shape[1] + new_tokens + 1 and len(clock.times) == new_tokens + 1
+    return clock.times[-1] - clock.times[0]
 
 
 def bench_decode(adapter, runner, model, args) -> list[dict]:
@@ -103,8 +116,11 @@ def bench_decode(adapter, runner, model, args) -> list[dict]:
     for batch in (1, 8, 32):
         ps = prompts(batch, args.prompt_len, adapter.vocab_size, args.seed + batch)
         ours_decode(adapter, runner, ps[:1], 2)  # warm-up
-        ours = min(ours_decode(adapter, runner, ps, args.new_tokens) for _ in range(args.reps))
-        hf = min(hf_decode(model, ps, args.new_tokens, adapter.eos_token_ids[-1]) for _ in range(args.reps))
+        ours_t, hf_t = [], []
+        for _ in range(args.reps):  # interleaved, so drift in machine speed hits both sides alike
+            ours_t.append(ours_decode(adapter, runner, ps, args.new_tokens))
+            hf_t.append(hf_decode(model, ps, args.new_tokens, adapter.eos_token_ids[-1]))
+        ours, hf = min(ours_t), min(hf_t)
         tok = batch * args.new_tokens
         rows.append({"batch": batch, "ours_tok_s": tok / ours, "hf_tok_s": tok / hf, "ratio": hf / ours})
     return rows
@@ -127,8 +143,9 @@ def bench_prefill(adapter, runner, model, args) -> dict:
         return time.perf_counter() - t0
 
     ours(), hf()
-    t_ours = statistics.median(ours() for _ in range(args.reps))
-    t_hf = statistics.median(hf() for _ in range(args.reps))
+    samples = [(ours(), hf()) for _ in range(args.reps)]  # interleaved
+    t_ours = statistics.median(s[0] for s in samples)
+    t_hf = statistics.median(s[1] for s in samples)
     return {"tokens": len(p), "ours_tok_s": len(p) / t_ours, "hf_tok_s": len(p) / t_hf, "ratio": t_hf / t_ours}
 
 
