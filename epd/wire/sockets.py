@@ -48,6 +48,17 @@ class WireTap:
             fh.write(line)
 
 
+def bind_pull(sock: zmq.Socket, host: str, port: int = 0) -> str:
+    """Bind a PULL socket on ``host:port`` (0 = any free port); returns its ``tcp://`` address."""
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RCVHWM, 100_000)
+    if port:
+        sock.bind(f"tcp://{host}:{port}")
+    else:
+        port = sock.bind_to_random_port(f"tcp://{host}")
+    return f"tcp://{host}:{port}"
+
+
 class Inbox:
     """The process's PULL socket.
 
@@ -59,13 +70,7 @@ class Inbox:
 
     def __init__(self, ctx: zmq.Context, host: str, port: int = 0) -> None:
         self.sock = ctx.socket(zmq.PULL)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.setsockopt(zmq.RCVHWM, 100_000)
-        if port:
-            self.sock.bind(f"tcp://{host}:{port}")
-        else:
-            port = self.sock.bind_to_random_port(f"tcp://{host}")
-        self.address = f"tcp://{host}:{port}"
+        self.address = bind_pull(self.sock, host, port)
 
     def recv(self, timeout_ms: int) -> list[bytes] | None:
         """Next message's frames, or ``None`` when nothing arrived within ``timeout_ms``."""

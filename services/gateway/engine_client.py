@@ -16,7 +16,7 @@ import zmq
 import zmq.asyncio
 
 from epd.wire.codec import WireError, unpack
-from epd.wire.sockets import Outbox, WireTap
+from epd.wire.sockets import Outbox, WireTap, bind_pull
 
 logger = logging.getLogger(__name__)
 
@@ -33,12 +33,7 @@ class EngineClient:
     def __init__(self, host: str, port: int, instance_id: str, tap: WireTap | None = None) -> None:
         self.actx = zmq.asyncio.Context()
         self.sock = self.actx.socket(zmq.PULL)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        if port:
-            self.sock.bind(f"tcp://{host}:{port}")
-        else:
-            port = self.sock.bind_to_random_port(f"tcp://{host}")
-        self.address = f"tcp://{host}:{port}"
+        self.address = bind_pull(self.sock, host, port)
         self._send_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gateway-send")
         self.outbox = Outbox(zmq.Context.instance(), instance_id, tap=tap)
         self.streams: dict[str, asyncio.Queue] = {}
