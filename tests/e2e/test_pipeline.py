@@ -80,7 +80,7 @@ def test_non_streaming_matches_generate(cluster, reference, photos, case):
     assert isinstance(choice["message"]["content"], str)
 
 
-@pytest.mark.parametrize("case", ["one_image", "text"])
+@pytest.mark.parametrize("case", ["one_image", "text", "two_images"])
 def test_streaming_matches_generate(cluster, reference, photos, case):
     body = (_body(photos, case, stream=True, stream_options={"include_usage": True}))
     status, chunks, done = post_stream(f"{cluster.url}/v1/chat/completions", body)
