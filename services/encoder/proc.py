@@ -65,8 +65,9 @@ class EncoderProc(ServiceProc):
         jobs = []
         for item in req.images:
             hit = self.pool.lookup(item.mm_hash, deadline)
-            if hit is not None:
+            if hit is not None:  # leased until the deadline: not evictable while prefill reads it
                 logger.info("request %s: image %d cache hit %s", req.request_id, item.index, item.mm_hash[:12])
+                self._publish(hit)  # refresh (or restore) the Redis entry's TTL
                 self._notify(req, item, hit)
                 continue
             try:

@@ -4,15 +4,17 @@ Lifecycle of a request at the gateway (handlers in :mod:`services.gateway.handle
 
     auth ▸ parse + validate ▸ fetch images (data:/file/http), hash, header-only size check
       ▸ template, tokenize, placeholders ▸ feature-cache lookup (Redis) ▸ route + instances
-      ▸ PrefillRequest to prefill, FeaturesReady for cached images, EncodeRequest(s) to encoder(s)
+      ▸ PrefillRequest to prefill, EncodeRequest(s) to encoder(s) (to the holder for cached images)
       ▸ TokenDelta stream (first token from prefill, the rest from decode), reordered by offset
       ▸ detokenize incrementally, stop strings ▸ JSON response or SSE chunks ending with ``data: [DONE]``
       ▸ on error / stop string / disconnect / timeout: AbortRequest to every stage involved
 
-The cached route reuses the encoder → prefill contract: for each image whose ``mm_hash`` is
-live in Redis the gateway itself sends prefill the ``FeaturesReady`` the encoder would have
-sent (``encoder_instance`` = the holder). If the holder evicted the entry or died in the
-meantime, prefill's one-sided READ fails and the request fails with 503 (no re-encode yet).
+The cached route reuses the encoder → prefill contract: each image whose ``mm_hash`` is
+live in Redis goes to its holder (not to the least-loaded encoder); the holder finds it in
+its pool, leases it (so it cannot be evicted while prefill reads it) and sends prefill the
+``FeaturesReady`` at once, without encoding. If the entry was evicted in the meantime, the
+holder has the image bytes and encodes it again; if the holder died, the request fails with
+503 (the registry stops listing it within one TTL).
 """
 
 from __future__ import annotations
@@ -216,27 +218,22 @@ class Gateway:
                 reply_to=self.client.address, arrival_time=now, deadline=now + self.cfg.request_timeout_s,
             ))
             self.metrics.ingress.observe(time.perf_counter() - t_arrival)
+            # Cached images go to their holder, which leases the pool entry (so it cannot be
+            # evicted while prefill reads it) and answers FeaturesReady at once without encoding;
+            # if the entry was evicted meanwhile, the holder still has the bytes and re-encodes.
+            by_holder: dict[str, list[int]] = {}
             for index, entry in cached.items():
-                await self.client.send(plan.prefill.inbox, pb.FeaturesReady(
-                    request_id=rid, mm_hash=prompt.images[index].image.mm_hash, index=index,
-                    features=pb.TensorRef(session=entry.handle, offset=entry.offset, nbytes=entry.nbytes,
-                                          dtype=entry.dtype, shape=entry.shape),
-                    grid_thw=entry.grid_thw, encoder_instance=entry.holder,
-                ))
+                by_holder.setdefault(entry.holder, []).append(index)
                 adm.feature_bytes += entry.nbytes
+            plan.holders.update(by_holder)
+            for holder, indices in by_holder.items():
+                await self._send_encode(rid, plan, holder, [items[i] for i in indices],
+                                        [prompt.images[i].image.data for i in indices])
             for enc_id, indices in plan.encoders.items():
-                enc_items, blobs = [], []
                 for i in indices:
-                    item = pb.ImageItem()
-                    item.CopyFrom(items[i])
-                    item.blob_index = len(blobs)
-                    enc_items.append(item)
-                    blobs.append(prompt.images[i].image.data)
                     adm.feature_bytes += self.prompts.feature_bytes(prompt.images[i].num_tokens, self.cfg.dtype)
-                await self.client.send(self.router.by_id[enc_id].inbox, pb.EncodeRequest(
-                    request_id=rid, images=enc_items, prefill_instance=plan.prefill.instance_id,
-                    prefill_inbox=plan.prefill.inbox, reply_to=self.client.address,
-                ), blobs)
+                await self._send_encode(rid, plan, enc_id, [items[i] for i in indices],
+                                        [prompt.images[i].image.data for i in indices])
                 self.metrics.instance_requests.labels(enc_id, "encoder").inc()
         except BaseException as exc:  # unreachable stage, or the handler cancelled (client gone)
             self.router.release(plan)
@@ -259,10 +256,25 @@ class Gateway:
                     plan.prefill.instance_id, plan.decode.instance_id)
         return adm
 
+    async def _send_encode(self, rid: str, plan: Plan, encoder_id: str, items: list[pb.ImageItem],
+                           blobs: list[bytes]) -> None:
+        """One EncodeRequest to ``encoder_id`` for ``items``; ``blobs`` are their files, in order."""
+        enc_items = []
+        for blob_index, src in enumerate(items):
+            item = pb.ImageItem()
+            item.CopyFrom(src)
+            item.blob_index = blob_index
+            enc_items.append(item)
+        await self.client.send(self.router.by_id[encoder_id].inbox, pb.EncodeRequest(
+            request_id=rid, images=enc_items, prefill_instance=plan.prefill.instance_id,
+            prefill_inbox=plan.prefill.inbox, reply_to=self.client.address,
+        ), blobs)
+
     async def abort(self, rid: str, plan: Plan, reason: str) -> None:
         """Tell every stage of ``plan`` to drop ``rid`` and free what it holds."""
         targets = {plan.prefill.inbox, plan.decode.inbox}
-        targets.update(self.router.by_id[e].inbox for e in plan.encoders if e in self.router.by_id)
+        encoders = set(plan.encoders) | plan.holders
+        targets.update(self.router.by_id[e].inbox for e in encoders if e in self.router.by_id)
         logger.info("request %s: aborting in %d stage(s): %s", rid, len(targets), reason)
         for address in targets:
             try:

@@ -71,6 +71,7 @@ class Plan:
     decode: InstanceInfo
     encoders: dict[str, list[int]] = field(default_factory=dict)
     cached: list[int] = field(default_factory=list)
+    holders: set[str] = field(default_factory=set)  # encoders asked for cached images (they lease them)
     charges: list[Charge] = field(default_factory=list)
 
 

@@ -200,3 +200,38 @@ def test_shared_memory_backend_and_clean_shutdown(tmp_path, redis_url, tiny_mode
         codes = c.stop()
     assert all(code == 0 for code in codes.values()), codes
     assert Registry(other_db).instances() == []  # every instance deregistered on SIGTERM
+
+
+def test_stale_cache_entry_is_reencoded_by_its_holder(cluster, tiny_model, photos, redis_url):
+    """Redis says an image is cached but its holder's pool no longer has it (evicted): the
+    request still goes to the holder, which re-encodes from the bytes; output stays exact."""
+    import hashlib
+
+    from transformers import Qwen2VLForConditionalGeneration
+
+    from epd.registry.registry import FeatureEntry
+    from tests.e2e.http import png_data_url
+
+    image = photos["chelsea"].resize((448, 448))
+    image.putpixel((5, 5), (0, 0, 0))  # never sent before
+    url = png_data_url(image)
+    import base64
+
+    mm_hash = hashlib.sha256(base64.b64decode(url.split(",")[1])).hexdigest()
+    reg = Registry(redis_url)
+    [enc] = reg.instances("encoder")
+    reg.put_feature(mm_hash, FeatureEntry(enc.instance_id, enc.transfer_handle, 0, 256 * 256 * 4, "float32",
+                                          [256, 256], [1, 32, 32]), ttl_s=60)
+    body = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                                      {"type": "text", "text": "Describe the picture."}]}],
+            "max_tokens": 8, "temperature": 0, "return_token_ids": True}
+    status, headers, out = post(f"{cluster.url}/v1/chat/completions", body)
+    assert status == 200, out
+    assert headers["x-epd-route"] == "cached"
+    model = Qwen2VLForConditionalGeneration.from_pretrained(tiny_model).eval()
+    inputs = hf_inputs(hf_processor(tiny_model), [image], "Describe the picture.")
+    with torch.no_grad():
+        gen = model.generate(**inputs, do_sample=False, max_new_tokens=8)
+    assert out["choices"][0]["token_ids"] == gen[0, inputs["input_ids"].shape[1]:].tolist()
+    entry = reg.get_feature(mm_hash)
+    assert entry is not None and entry.nbytes == 256 * 256 * 4  # republished by the holder
