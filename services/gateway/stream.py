@@ -83,29 +83,40 @@ class TokenStream:
 
 
 class Detokenizer:
-    """Incremental detokenization: returns only the new text per batch of ids, holding back
-    an incomplete UTF-8 sequence (decoded as U+FFFD) until the next token completes it."""
+    """Incremental detokenization over a sliding window of ids (as vLLM's
+    ``detokenize_incrementally``): each call decodes only the ids since the previous emit
+    point, so a request's total cost is linear in its length. An incomplete UTF-8 sequence
+    (decoded as U+FFFD) is held back until a later token completes it.
+    """
 
     def __init__(self, tokenizer) -> None:
         self.tokenizer = tokenizer
         self.ids: list[int] = []
         self.text = ""
+        self._prefix_offset = 0  # window start: context so a token decodes as it would in place
+        self._read_offset = 0  # ids before this have been emitted
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def _delta(self, final: bool) -> str:
+        prefix = self._decode(self.ids[self._prefix_offset : self._read_offset])
+        window = self._decode(self.ids[self._prefix_offset :])
+        if len(window) <= len(prefix) or (window.endswith("\ufffd") and not final):
+            return ""
+        delta = window[len(prefix) :]
+        self._prefix_offset, self._read_offset = self._read_offset, len(self.ids)
+        self.text += delta
+        return delta
 
     def add(self, token_ids: list[int]) -> str:
+        """New text for ``token_ids`` (may be empty while a character is incomplete)."""
         self.ids.extend(token_ids)
-        full = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if full.endswith("\ufffd"):
-            return ""
-        delta = full[len(self.text):] if full.startswith(self.text) else full
-        self.text = full
-        return delta
+        return self._delta(final=False)
 
     def finish(self) -> str:
         """Text still held back at the end (an incomplete UTF-8 sequence, as U+FFFD)."""
-        full = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        delta = full[len(self.text):] if full.startswith(self.text) else ""
-        self.text += delta
-        return delta
+        return self._delta(final=True)
 
 
 class StopChecker:
