@@ -29,7 +29,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from epd.launcher import ensure_model, free_port  # noqa: E402
+from epd.launcher import ensure_model, free_port, gateway_ready  # noqa: E402
 from epd.models.hf_reference import hf_inputs, hf_processor  # noqa: E402
 
 
@@ -49,13 +49,9 @@ def start_server(model: Path, threads: int) -> tuple[subprocess.Popen, str]:
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                counts = json.loads(r.read())["instances"]
-            if counts["encoder"] and counts["prefill"] and counts["decode"]:
-                return proc, url
-        except Exception:
-            time.sleep(0.5)
+        if gateway_ready(url, {"encoder": 1, "prefill": 1, "decode": 1}):
+            return proc, url
+        time.sleep(0.5)
     proc.send_signal(signal.SIGTERM)
     raise RuntimeError("epd up did not become healthy")
 

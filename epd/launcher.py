@@ -9,6 +9,7 @@ by itself if the launcher dies (parent-death watch in ``epd.service``).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shlex
@@ -105,22 +106,26 @@ def service_commands(cfg: LauncherConfig) -> list[tuple[str, str, dict[str, str]
     return procs
 
 
+def gateway_ready(url: str, want: dict[str, int]) -> bool:
+    """True when the gateway at ``url`` answers ``/health`` and lists at least ``want[role]``
+    registered instances of each role (False while it is down or still waiting)."""
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
+            counts = json.loads(resp.read())["instances"]
+    except (OSError, ValueError, KeyError):  # not listening yet, 503 while waiting, bad body
+        return False
+    return all(counts.get(role, 0) >= n for role, n in want.items())
+
+
 def _wait_healthy(cfg: LauncherConfig, manager: Manager, url: str) -> None:
     deadline = time.monotonic() + cfg.startup_timeout_s
     topo = deployment_topology(cfg)
     want = {role: topo.count(role) for role in ("encoder", "prefill", "decode")}
-    import json
-
     while time.monotonic() < deadline and not manager._terminating:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
-                counts = json.loads(resp.read())["instances"]
-            if all(counts.get(r, 0) >= n for r, n in want.items()):
-                print(f"\nepd-serve is up ({topo.notation}): {url}/v1  (OpenAI-compatible; Ctrl-C stops everything)\n",
-                      flush=True)
-                return
-        except Exception:
-            pass
+        if gateway_ready(url, want):
+            print(f"\nepd-serve is up ({topo.notation}): {url}/v1  (OpenAI-compatible; Ctrl-C stops everything)\n",
+                  flush=True)
+            return
         time.sleep(0.5)
     if not manager._terminating:
         print(f"services not healthy after {cfg.startup_timeout_s:.0f} s (EPD_STARTUP_TIMEOUT_S); stopping",

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from epd.launcher import gateway_ready
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -74,13 +74,8 @@ def start_cluster(
             cluster.stop()
             logs = "\n".join(f"--- {n}\n{cluster.log(n)[-3000:]}" for n in dead)
             raise RuntimeError(f"processes exited during start-up: {dead}\n{logs}")
-        try:
-            with urllib.request.urlopen(f"{cluster.url}/health", timeout=2) as resp:
-                counts = json.loads(resp.read())["instances"]
-            if all(counts.get(r, 0) >= n for r, n in want.items()):
-                return cluster
-        except Exception:
-            pass
+        if gateway_ready(cluster.url, want):
+            return cluster
         time.sleep(0.3)
     cluster.stop()
     raise RuntimeError("cluster not healthy in time:\n" + "\n".join(

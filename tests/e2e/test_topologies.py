@@ -23,6 +23,7 @@ import pytest
 import torch
 
 from epd.admin import check_health, get_stats
+from epd.launcher import gateway_ready
 from epd.registry.registry import Registry
 from epd.topology import parse_topology
 from tests.conftest import free_port
@@ -74,13 +75,8 @@ def start_deployment(tmp: Path, topology: str, redis_url: str, model: Path, time
     want = {r: topo.count(r) for r in ("encoder", "prefill", "decode")}
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            with urllib.request.urlopen(f"{dep.url}/health", timeout=2) as resp:
-                counts = json.loads(resp.read())["instances"]
-            if all(counts.get(r, 0) >= n for r, n in want.items()):
-                return dep
-        except Exception:
-            pass
+        if gateway_ready(dep.url, want):
+            return dep
         time.sleep(0.3)
     dep.stop()
     raise RuntimeError(f"{topology} not up:\n{log.read_text(errors='replace')[-4000:]}")
