@@ -9,6 +9,11 @@ Every backend process serves, on ``EPD_ADMIN_PORT`` (0 = any free port, register
 - ``epd.admin.v1.Admin``: ``Stats`` (each role's load + capacity + in-flight count) and
   ``Drain`` (stop taking new work, finish in-flight, deregister, exit).
 
+With the cluster secret (EPD_CLUSTER_SECRET / _FILE) the Admin methods want the metadata
+``authorization: Bearer <hex of derive_key(secret, "admin")>`` and answer UNAUTHENTICATED
+otherwise; the health service stays open, since Kubernetes' native gRPC probes send no metadata
+(it tells only whether the process serves). The clients below send the token when given one.
+
 The server runs in gRPC's own threads while each role's loop runs in another: ``Stats``
 reads the same :meth:`ServiceProc.load` the heartbeat thread calls (a snapshot of the
 loop's containers, never a mutation), and ``Drain`` only sets a flag the loop checks.
@@ -18,6 +23,7 @@ built here from the service descriptor, so no generated gRPC module has to be im
 
 from __future__ import annotations
 
+import hmac
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -68,13 +74,19 @@ class AdminServer:
         procs: the hosted roles.
         host: bind address (EPD_HOST); port: EPD_ADMIN_PORT (0 = any free port).
         advertise: the host part of :attr:`address` (what peers and ``epd health`` use).
+        token: the admin key, :func:`epd.wire.auth.admin_token` of the cluster secret
+            (``derive_key(secret, "admin")``); Stats and Drain then need
+            ``authorization: Bearer <token.hex()>``. ``None``: open to whoever reaches the port.
 
     Raises:
         ConfigError: the port cannot be bound (names EPD_ADMIN_PORT).
     """
 
-    def __init__(self, procs: list[ServiceProc], host: str, port: int, advertise: str) -> None:
+    def __init__(
+        self, procs: list[ServiceProc], host: str, port: int, advertise: str, token: bytes | None = None
+    ) -> None:
         self.procs = procs
+        self._expected = _bearer(token) if token else None
         self.server = grpc.server(ThreadPoolExecutor(max_workers=4, thread_name_prefix="admin"))
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -92,12 +104,23 @@ class AdminServer:
         self.address = f"{advertise}:{bound}"
         self.sync_health()
 
-    @staticmethod
-    def _handler(fn):
+    def _handler(self, fn):
         name = fn.__name__.strip("_").capitalize()
         req_t, rep_t = _TYPES[name]
+
+        def authorized(request, context):
+            if self._expected is not None:
+                sent = dict(context.invocation_metadata()).get("authorization", "")
+                if not hmac.compare_digest(sent.encode(), self._expected.encode()):
+                    logger.warning("admin %s from %s refused: %s", name, context.peer(),
+                                   "wrong token" if sent else "no token")
+                    context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                                  f"{name} needs the cluster's admin token: set EPD_CLUSTER_SECRET "
+                                  "(or EPD_CLUSTER_SECRET_FILE) to the deployment's secret")
+            return fn(request, context)
+
         return grpc.unary_unary_rpc_method_handler(
-            fn, request_deserializer=req_t.FromString, response_serializer=rep_t.SerializeToString
+            authorized, request_deserializer=req_t.FromString, response_serializer=rep_t.SerializeToString
         )
 
     def start(self) -> None:
@@ -140,21 +163,27 @@ class AdminServer:
 
 
 # -- clients (epd health / epd stats / epd drain) -----------------------------------------
-def _call(address: str, method: str, request, timeout_s: float):
+def _bearer(token: bytes) -> str:
+    return f"Bearer {token.hex()}"
+
+
+def _call(address: str, method: str, request, timeout_s: float, token: bytes | None):
     req_t, rep_t = _TYPES[method]
+    metadata = (("authorization", _bearer(token)),) if token else None
     with grpc.insecure_channel(address) as channel:
         stub = channel.unary_unary(
             f"/{SERVICE}/{method}", request_serializer=req_t.SerializeToString,
             response_deserializer=rep_t.FromString,
         )
         try:
-            return stub(request, timeout=timeout_s)
+            return stub(request, timeout=timeout_s, metadata=metadata)
         except grpc.RpcError as exc:
             raise AdminError(f"{method} on {address}: {exc.code().name}: {exc.details()}") from None
 
 
-def check_health(address: str, service: str = "", timeout_s: float = 3.0) -> str:
-    """Status of ``service`` ("" = the process) at ``address`` (``host:port``).
+def check_health(address: str, service: str = "", timeout_s: float = 3.0, token: bytes | None = None) -> str:
+    """Status of ``service`` ("" = the process) at ``address`` (``host:port``). The health service
+    needs no token; one given is sent anyway (harmless; a proxy in front may want it).
 
     Returns:
         ``"SERVING"``, ``"NOT_SERVING"``, ``"SERVICE_UNKNOWN"`` or ``"UNKNOWN"``.
@@ -165,7 +194,10 @@ def check_health(address: str, service: str = "", timeout_s: float = 3.0) -> str
     with grpc.insecure_channel(address) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:
-            reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout_s)
+            reply = stub.Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=timeout_s,
+                metadata=(("authorization", _bearer(token)),) if token else None,
+            )
         except grpc.RpcError as exc:
             if exc.code() == grpc.StatusCode.NOT_FOUND:
                 return "SERVICE_UNKNOWN"
@@ -173,14 +205,24 @@ def check_health(address: str, service: str = "", timeout_s: float = 3.0) -> str
     return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
 
 
-def get_stats(address: str, role: str = "", timeout_s: float = 3.0) -> apb.StatsReply:
-    """Stats of every hosted role (or one). Raises :class:`AdminError`."""
-    return _call(address, "Stats", apb.StatsRequest(role=role), timeout_s)
+def get_stats(address: str, role: str = "", timeout_s: float = 3.0, token: bytes | None = None) -> apb.StatsReply:
+    """Stats of every hosted role (or one); ``token``: see :class:`AdminServer`.
+
+    Raises:
+        AdminError: unreachable, or refused (``UNAUTHENTICATED`` without the right token).
+    """
+    return _call(address, "Stats", apb.StatsRequest(role=role), timeout_s, token)
 
 
-def drain(address: str, role: str = "", drain_timeout_s: float = 0.0, timeout_s: float = 3.0) -> apb.DrainReply:
-    """Ask the process to drain (returns at once). Raises :class:`AdminError`."""
-    return _call(address, "Drain", apb.DrainRequest(role=role, timeout_s=drain_timeout_s), timeout_s)
+def drain(
+    address: str, role: str = "", drain_timeout_s: float = 0.0, timeout_s: float = 3.0, token: bytes | None = None
+) -> apb.DrainReply:
+    """Ask the process to drain (returns at once); ``token``: see :class:`AdminServer`.
+
+    Raises:
+        AdminError: unreachable, or refused (``UNAUTHENTICATED`` without the right token).
+    """
+    return _call(address, "Drain", apb.DrainRequest(role=role, timeout_s=drain_timeout_s), timeout_s, token)
 
 
 def stats_dict(reply: apb.StatsReply | apb.DrainReply) -> dict:

@@ -46,12 +46,34 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+class ClusterSecretConfig(config._Base):
+    """EPD_CLUSTER_SECRET / EPD_CLUSTER_SECRET_FILE alone: all the admin clients need.
+
+    Belongs in epd/config.py (the only module that reads the environment); here until it moves.
+    """
+
+    cluster_secret: str = ""  # see config.CommonConfig
+    cluster_secret_file: Path | None = None
+
+
+def _admin_token() -> bytes | None:
+    """The admin token from EPD_CLUSTER_SECRET (or _FILE); ``None`` when neither is set.
+
+    Raises:
+        config.ConfigError: the secret is unreadable or too short.
+    """
+    from epd.wire.auth import admin_token, load_secret
+
+    cfg = config.load(ClusterSecretConfig)
+    return admin_token(load_secret(cfg.cluster_secret, cfg.cluster_secret_file))
+
+
 def _cmd_health(args: argparse.Namespace) -> int:
     """Exit 0 when SERVING (compose healthchecks use this), 1 otherwise."""
     from epd.admin import AdminError, check_health
 
     try:
-        status = check_health(args.address, args.service, timeout_s=args.timeout)
+        status = check_health(args.address, args.service, timeout_s=args.timeout, token=_admin_token())
     except AdminError as exc:
         print(f"UNREACHABLE {exc}", file=sys.stderr)
         return 1
@@ -63,7 +85,8 @@ def _cmd_stats(args: argparse.Namespace) -> int:
     from epd.admin import AdminError, get_stats, stats_dict
 
     try:
-        print(json.dumps(stats_dict(get_stats(args.address, args.role, timeout_s=args.timeout)), indent=2))
+        reply = get_stats(args.address, args.role, timeout_s=args.timeout, token=_admin_token())
+        print(json.dumps(stats_dict(reply), indent=2))
     except AdminError as exc:
         print(exc, file=sys.stderr)
         return 1
@@ -74,7 +97,8 @@ def _cmd_drain(args: argparse.Namespace) -> int:
     from epd.admin import AdminError, drain, stats_dict
 
     try:
-        reply = drain(args.address, args.role, drain_timeout_s=args.drain_timeout, timeout_s=args.timeout)
+        reply = drain(args.address, args.role, drain_timeout_s=args.drain_timeout, timeout_s=args.timeout,
+                      token=_admin_token())
     except AdminError as exc:
         print(exc, file=sys.stderr)
         return 1
@@ -113,8 +137,10 @@ def main(argv: list[str] | None = None) -> None:
 
     for name, fn, helptext in (
         ("health", _cmd_health, "gRPC health check of a backend process (exit 0 when SERVING)"),
-        ("stats", _cmd_stats, "load + capacity of a backend process's roles (JSON)"),
-        ("drain", _cmd_drain, "drain a backend process: no new work, finish in-flight, deregister, exit"),
+        ("stats", _cmd_stats, "load + capacity of a backend process's roles (JSON; sends the admin token "
+                              "derived from EPD_CLUSTER_SECRET or EPD_CLUSTER_SECRET_FILE when set)"),
+        ("drain", _cmd_drain, "drain a backend process: no new work, finish in-flight, deregister, exit "
+                              "(needs EPD_CLUSTER_SECRET or _FILE when the deployment has one)"),
     ):
         p = sub.add_parser(name, help=helptext)
         p.add_argument("address", help="admin address host:port (EPD_ADMIN_PORT; registry field 'admin')")

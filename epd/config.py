@@ -49,6 +49,11 @@ class CommonConfig(_Base):
     drain_timeout_s: float = Field(30.0, gt=0)  # SIGTERM/drain: in-flight requests get this long, then fail
     drain_grace_s: float = Field(1.0, ge=0)  # after deregistering, keep serving at least this long
     redis_retry_s: float = Field(10.0, ge=0)  # keep retrying an unreachable Redis this long at start
+    cluster_secret: str = ""  # shared secret: MAC on every control message, signed registry entries, admin token
+    cluster_secret_file: Path | None = None  # read the secret from this file instead (first line)
+    send_queue_max: int = Field(10_000, gt=0)  # messages queued per peer before sends to it fail
+    send_timeout_s: float = Field(2.0, gt=0)  # a message not handed to its peer within this fails
+    restarts: int = Field(0, ge=0)  # set by the supervisor (`epd up`) on a restarted process; published
 
     @field_validator("roles")
     @classmethod
@@ -128,6 +133,14 @@ class GatewayConfig(_Base):
     max_image_mb: int = Field(20, gt=0)  # largest local or remote image file
     media_fetch_timeout_s: float = Field(10.0, gt=0)  # whole download of one remote image
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # the stages' EPD_DTYPE (derived byte metrics)
+    cluster_secret: str = ""  # see CommonConfig
+    cluster_secret_file: Path | None = None
+    heartbeat_s: float = Field(1.0, gt=0)  # the gateway registers itself too (stages watch their reply_to)
+    instance_ttl_s: float = Field(5.0, gt=0)
+    send_queue_max: int = Field(10_000, gt=0)
+    send_timeout_s: float = Field(2.0, gt=0)
+    retry_max: int = Field(1, ge=0)  # re-plans of a request whose stage died before its first token
+    migration_max: int = Field(1, ge=0)  # decode died mid-stream: resume on another decode (0 = fail instead)
 
     @field_validator("allowed_media_dir")
     @classmethod
@@ -153,6 +166,9 @@ class LauncherConfig(_Base):
     log_level: str = "INFO"
     drain_timeout_s: float = Field(30.0, gt=0)  # stopping: processes get this long (+5 s) before SIGKILL
     topology: str = ""  # e.g. "E-P-D", "EP-D", "(E-P)-D", "2E-1P-1D" (epd.topology); overrides the counts
+    restart: Literal["unless-stopped", "no"] = "unless-stopped"  # restart crashed processes (compose's policy)
+    restart_backoff_s: float = Field(1.0, gt=0)  # first restart delay; doubles per crash, up to restart_backoff_max_s
+    restart_backoff_max_s: float = Field(30.0, gt=0)
 
     @field_validator("topology")
     @classmethod

@@ -1,10 +1,12 @@
 """``epd up``: Redis (embedded unless ``EPD_REDIS_URL``), the model (tiny preset unless
 ``EPD_MODEL``), then the processes of the topology (``EPD_TOPOLOGY``, e.g. ``E-P-D``, ``EP-D``;
-see :mod:`epd.topology`) plus the gateway, supervised by honcho.
+see :mod:`epd.topology`) plus the gateway, under :class:`epd.supervisor.Supervisor`.
 
-Each process's log lines are prefixed with its name; Ctrl-C / SIGTERM stops all of them
-(honcho signals each process group, then kills stragglers), and each service also exits
-by itself if the launcher dies (parent-death watch in ``epd.service``).
+Each process's log lines are prefixed with its name. A process that exits is restarted after
+a growing backoff (``EPD_RESTART=unless-stopped``, the default; ``no`` leaves it down while
+the others keep running). Ctrl-C / SIGTERM stops all of them: SIGTERM to each process group
+(services drain), SIGKILL after ``EPD_DRAIN_TIMEOUT_S`` + 5 s; a second Ctrl-C kills at once.
+Each service also exits by itself if the launcher dies (parent-death watch in ``epd.service``).
 """
 
 from __future__ import annotations
@@ -20,11 +22,10 @@ import time
 import urllib.request
 from pathlib import Path
 
-import honcho.manager
 import platformdirs
-from honcho.manager import Manager
 
 from epd.config import LauncherConfig, environ_snapshot
+from epd.supervisor import ProcessSpec, Supervisor
 from epd.topology import Topology, from_counts, parse_topology
 
 logger = logging.getLogger(__name__)
@@ -117,24 +118,27 @@ def gateway_ready(url: str, want: dict[str, int]) -> bool:
     return all(counts.get(role, 0) >= n for role, n in want.items())
 
 
-def _wait_healthy(cfg: LauncherConfig, manager: Manager, url: str) -> None:
+def _wait_healthy(cfg: LauncherConfig, supervisor: Supervisor, url: str, failed: threading.Event) -> None:
+    """Announce the deployment once the gateway sees every role; stop it (and set ``failed``)
+    if that takes longer than ``EPD_STARTUP_TIMEOUT_S``."""
     deadline = time.monotonic() + cfg.startup_timeout_s
     topo = deployment_topology(cfg)
     want = {role: topo.count(role) for role in ("encoder", "prefill", "decode")}
-    while time.monotonic() < deadline and not manager._terminating:
+    while time.monotonic() < deadline:
         if gateway_ready(url, want):
-            print(f"\nepd-serve is up ({topo.notation}): {url}/v1  (OpenAI-compatible; Ctrl-C stops everything)\n",
-                  flush=True)
+            supervisor.say(f"epd-serve is up ({topo.notation}): {url}/v1  (OpenAI-compatible; Ctrl-C stops everything)")
             return
-        time.sleep(0.5)
-    if not manager._terminating:
-        print(f"services not healthy after {cfg.startup_timeout_s:.0f} s (EPD_STARTUP_TIMEOUT_S); stopping",
-              flush=True)
-        manager.terminate()
+        if supervisor.wait_stopping(0.5):
+            return
+    supervisor.say(f"services not healthy after {cfg.startup_timeout_s:.0f} s (EPD_STARTUP_TIMEOUT_S); stopping")
+    failed.set()
+    supervisor.stop()
 
 
 def up(cfg: LauncherConfig) -> int:
-    """Run a whole deployment in the foreground; returns the exit code."""
+    """Run a whole deployment in the foreground until Ctrl-C / SIGTERM; returns the exit code
+    (0: every process exited cleanly after the stop; 1: a crash, a SIGKILLed straggler, or not
+    healthy within ``EPD_STARTUP_TIMEOUT_S``)."""
     model = ensure_model(cfg.model)
     redis_srv = None
     redis_url = cfg.redis_url
@@ -149,18 +153,19 @@ def up(cfg: LauncherConfig) -> int:
         "EPD_TRANSFER_BACKEND": cfg.transfer_backend, "EPD_DEVICE": cfg.device, "EPD_LOG_LEVEL": cfg.log_level,
         "PYTHONUNBUFFERED": "1",
     }
-    honcho.manager.KILL_WAIT = cfg.drain_timeout_s + 5  # let SIGTERM drains finish before SIGKILL
-    manager = Manager()
-    for name, cmd, extra in service_commands(cfg):
-        manager.add_process(name, cmd, env={**env, **extra}, cwd=str(Path(__file__).resolve().parents[1]))
+    root = str(Path(__file__).resolve().parents[1])
+    specs = [ProcessSpec(name, cmd, {**env, **extra}, root) for name, cmd, extra in service_commands(cfg)]
+    supervisor = Supervisor(
+        specs, restart=cfg.restart, backoff_s=cfg.restart_backoff_s, backoff_max_s=cfg.restart_backoff_max_s,
+        stop_timeout_s=cfg.drain_timeout_s + 5,  # let SIGTERM drains finish before SIGKILL
+    )
     host = "127.0.0.1" if cfg.gateway_host in ("0.0.0.0", "") else cfg.gateway_host
-    threading.Thread(target=_wait_healthy, args=(cfg, manager, f"http://{host}:{port}"), daemon=True).start()
+    unhealthy = threading.Event()
+    threading.Thread(target=_wait_healthy, args=(cfg, supervisor, f"http://{host}:{port}", unhealthy),
+                     daemon=True).start()
     try:
-        manager.loop()
+        code = supervisor.run()
     finally:
         if redis_srv is not None:
             redis_srv.close()
-    codes = [p.get("returncode") for p in manager._processes.values()]
-    if manager.returncode in (130, 143) and all(c == 0 for c in codes):
-        return 0  # stopped by Ctrl-C / SIGTERM and every process shut down cleanly
-    return manager.returncode or 0
+    return code or int(unhealthy.is_set())

@@ -6,19 +6,41 @@ Keys (one namespace prefix, default ``epd``):
   refreshed by the instance's heartbeat. An expired key *is* a dead instance.
 - ``{prefix}:mm:{mm_hash}`` → JSON :class:`FeatureEntry`: which encoder's pool holds an image's
   features and where; TTL set by the encoder, deleted when it evicts the entry.
+
+Signed entries (DESIGN.md §9): with the cluster secret every value is
+``{"v": <the JSON object>, "exp": <unix ms>, "sig": <hex>}`` where ``sig`` is
+``HMAC-SHA256(derive_key(secret, "registry"), len(key) || key || exp || canonical JSON of v)``
+(lengths and ``exp`` 8-byte big-endian; canonical JSON: sorted keys, no spaces). The key name is
+inside the MAC, so an entry copied under another key fails; ``exp`` (write time + TTL) bounds
+how long a copy of an old entry, written back by someone with Redis access, is believed (plus
+:data:`EXPIRY_GRACE_MS` of clock difference between hosts). Readers with the secret skip
+unsigned, wrongly signed and expired entries (WARNING once per key). Readers without the secret
+accept both forms unchecked, so tools without it can still look at a deployment.
+Refresh a TTL by writing the entry again (``put_*``), never with Redis ``EXPIRE``: ``exp`` is signed.
 """
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
+import struct
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import redis
 
+from epd.wire.auth import derive_key
+
 logger = logging.getLogger(__name__)
+
+EXPIRY_GRACE_MS = 60_000  # clock difference between writer and reader accepted on ``exp``
+_U64 = struct.Struct(">Q")
+_WARNED_MAX = 10_000  # distinct keys remembered for "warn once"; then the memory starts over
 
 ROLES = ("encoder", "prefill", "decode", "gateway")
 
@@ -42,6 +64,9 @@ class InstanceInfo:
         load: current load published by heartbeat (encoder: ``queued_images``,
             ``queued_patches``; prefill: ``queued_tokens``, ``features_pending``; decode:
             ``running``, ``free_blocks``, ``total_blocks``).
+        incarnation: random token of this process's life; a restarted instance keeps its id but not
+            its incarnation, so peers know the requests the old one held are gone.
+        draining: deregistering: still alive and finishing its requests, but not to be chosen.
     """
 
     instance_id: str
@@ -53,6 +78,9 @@ class InstanceInfo:
     load: dict[str, float] = field(default_factory=dict)
     pid: int = 0
     admin: str = ""
+    incarnation: str = ""
+    draining: bool = False
+    restarts: int = 0  # times the supervisor restarted this instance (EPD_RESTARTS)
 
 
 @dataclass
@@ -76,21 +104,40 @@ class FeatureEntry:
     grid_thw: list[int]
 
 
+def redact_url(url: str) -> str:
+    """``url`` with its password replaced by ``***`` (for messages and logs)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port is not None else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
 class Registry:
     """Thin typed view of the Redis registry.
 
     Args:
-        url: ``redis://host:port/db``.
+        url: ``redis://[[user]:password@]host:port/db`` (``rediss://`` for TLS); redis-py's
+            ``from_url`` takes the credentials from it.
         prefix: key namespace, so several deployments can share one Redis.
+        secret: the cluster secret (:func:`epd.wire.auth.load_secret`): entries are signed and
+            checked (module docstring); ``None``: plain JSON, nothing checked.
 
     Raises:
-        RegistryError: on connection failure (from any method).
+        RegistryError: on connection or authentication failure (from any method); its message
+            shows the URL without the password.
     """
 
-    def __init__(self, url: str, prefix: str = "epd") -> None:
+    def __init__(self, url: str, prefix: str = "epd", secret: bytes | None = None) -> None:
         self.url = url
         self.prefix = prefix
         self.r = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+        self._key = derive_key(secret, "registry") if secret else None
+        self._warned: set[str] = set()
 
     def _inst_key(self, instance_id: str) -> str:
         return f"{self.prefix}:inst:{instance_id}"
@@ -98,57 +145,122 @@ class Registry:
     def _mm_key(self, mm_hash: str) -> str:
         return f"{self.prefix}:mm:{mm_hash}"
 
+    def _error(self, exc: redis.RedisError) -> RegistryError:
+        return RegistryError(f"Redis at {redact_url(self.url)}: {exc}")
+
+    # -- signing ---------------------------------------------------------------------------
+    def _sig(self, key: str, exp_ms: int, canonical: bytes) -> str:
+        name = key.encode()
+        msg = b"".join((_U64.pack(len(name)), name, _U64.pack(exp_ms), canonical))
+        return hmac.new(self._key, msg, "sha256").hexdigest()
+
+    def _encode(self, key: str, obj: dict[str, Any], ttl_s: float) -> str:
+        if self._key is None:
+            return json.dumps(obj)
+        exp_ms = time.time_ns() // 1_000_000 + int(ttl_s * 1000)
+        canonical = json.dumps(obj, sort_keys=True, separators=(",", ":"))
+        return json.dumps({"v": obj, "exp": exp_ms, "sig": self._sig(key, exp_ms, canonical.encode())})
+
+    def _decode(self, key: str, raw: bytes) -> dict[str, Any] | None:
+        """The entry's object, or ``None`` (logged once per key) when it must not be trusted.
+
+        Raises:
+            ValueError: not JSON.
+        """
+        doc = json.loads(raw)
+        signed = isinstance(doc, dict) and set(doc) == {"v", "exp", "sig"}
+        if self._key is None:
+            return doc["v"] if signed else doc
+        reason = None
+        if not signed:
+            reason = "unsigned (written without EPD_CLUSTER_SECRET, or forged)"
+        elif not (isinstance(doc["v"], dict) and isinstance(doc["exp"], int) and isinstance(doc["sig"], str)):
+            reason = "malformed signature fields"
+        else:
+            canonical = json.dumps(doc["v"], sort_keys=True, separators=(",", ":")).encode()
+            if not hmac.compare_digest(doc["sig"].encode(), self._sig(key, doc["exp"], canonical).encode()):
+                reason = "bad signature (another EPD_CLUSTER_SECRET, altered, or copied from another key)"
+            elif doc["exp"] + EXPIRY_GRACE_MS < time.time_ns() // 1_000_000:
+                reason = "signature expired (an old entry written back)"
+        if reason is None:
+            return doc["v"]
+        if key not in self._warned:
+            if len(self._warned) >= _WARNED_MAX:
+                self._warned.clear()
+            self._warned.add(key)
+            logger.warning("registry entry %s ignored: %s", key, reason)
+        return None
+
+    # -- instances ---------------------------------------------------------------------------
     def ping(self) -> None:
         try:
             self.r.ping()
         except redis.RedisError as exc:
-            raise RegistryError(f"Redis at {self.url} unreachable: {exc}") from exc
+            raise RegistryError(f"Redis at {redact_url(self.url)} unreachable: {exc}") from exc
 
     def put_instance(self, info: InstanceInfo, ttl_s: float) -> None:
         """Register or refresh ``info`` with a TTL of ``ttl_s`` seconds."""
+        key = self._inst_key(info.instance_id)
         try:
-            self.r.set(self._inst_key(info.instance_id), json.dumps(asdict(info)), px=int(ttl_s * 1000))
+            self.r.set(key, self._encode(key, asdict(info), ttl_s), px=int(ttl_s * 1000))
         except redis.RedisError as exc:
-            raise RegistryError(str(exc)) from exc
+            raise self._error(exc) from exc
 
     def remove_instance(self, instance_id: str) -> None:
         try:
             self.r.delete(self._inst_key(instance_id))
         except redis.RedisError as exc:
-            raise RegistryError(str(exc)) from exc
+            raise self._error(exc) from exc
 
     def instances(self, role: str | None = None) -> list[InstanceInfo]:
-        """Live instances (those whose TTL has not expired), optionally only those hosting ``role``."""
+        """Live instances (those whose TTL has not expired), optionally only those hosting ``role``.
+
+        Entries that are malformed or (with a secret) not validly signed are skipped.
+        """
         try:
             keys = list(self.r.scan_iter(match=self._inst_key("*"), count=500))
             values = self.r.mget(keys) if keys else []
         except redis.RedisError as exc:
-            raise RegistryError(str(exc)) from exc
+            raise self._error(exc) from exc
         out = []
-        for raw in values:
+        for key, raw in zip(keys, values, strict=True):
             if raw is None:  # expired between SCAN and MGET
                 continue
             try:
-                info = InstanceInfo(**json.loads(raw))
-            except (TypeError, ValueError) as exc:
-                logger.warning("malformed registry entry skipped: %s", exc)
+                obj = self._decode(key.decode(), raw)
+                if obj is None:
+                    continue
+                info = InstanceInfo(**obj)
+            except (TypeError, ValueError, KeyError) as exc:
+                logger.warning("malformed registry entry %s skipped: %s", key, exc)
                 continue
             if role is None or role in info.roles:
                 out.append(info)
         return sorted(out, key=lambda i: i.instance_id)
 
+    # -- feature cache ----------------------------------------------------------------------
     def put_feature(self, mm_hash: str, entry: FeatureEntry, ttl_s: float) -> None:
+        key = self._mm_key(mm_hash)
         try:
-            self.r.set(self._mm_key(mm_hash), json.dumps(asdict(entry)), px=int(ttl_s * 1000))
+            self.r.set(key, self._encode(key, asdict(entry), ttl_s), px=int(ttl_s * 1000))
         except redis.RedisError as exc:
-            raise RegistryError(str(exc)) from exc
+            raise self._error(exc) from exc
 
     def get_feature(self, mm_hash: str) -> FeatureEntry | None:
+        """The entry, or ``None`` when absent, malformed or (with a secret) not validly signed."""
+        key = self._mm_key(mm_hash)
         try:
-            raw = self.r.get(self._mm_key(mm_hash))
+            raw = self.r.get(key)
         except redis.RedisError as exc:
-            raise RegistryError(str(exc)) from exc
-        return FeatureEntry(**json.loads(raw)) if raw else None
+            raise self._error(exc) from exc
+        if not raw:
+            return None
+        try:
+            obj = self._decode(key, raw)
+            return FeatureEntry(**obj) if obj is not None else None
+        except (TypeError, ValueError, KeyError) as exc:
+            logger.warning("malformed registry entry %s skipped: %s", key, exc)
+            return None
 
     def delete_feature(self, mm_hash: str, holder: str | None = None) -> None:
         """Delete the entry (only if still held by ``holder``, when given)."""
@@ -160,7 +272,7 @@ class Registry:
             if entry is not None and entry.holder == holder:
                 self.r.delete(self._mm_key(mm_hash))
         except redis.RedisError as exc:
-            raise RegistryError(str(exc)) from exc
+            raise self._error(exc) from exc
 
 
 class Heartbeat(threading.Thread):

@@ -22,6 +22,28 @@ Failure behaviour measured with mooncake-transfer-engine-non-cuda over loopback 
 - ``get_batch_transfer_status`` busy-waits until the batch ends and frees the batch id,
   so a second call on the same id is a use-after-free (segfault). It is not used here.
 
+Listening address (measured with 0.3.13.post1, and so in the upstream source at 3b5a594):
+the engine opens two TCP listeners, the handshake/RPC port (``get_rpc_port()``, bound to
+``INADDR_ANY`` by ``findAvailableTcpPort``) and the TCP transport's data port (an asio acceptor
+on ``[::]``, dual-stack). Both accept connections on every interface whatever ``host`` is given
+to ``initialize``; no variable changes that (``MC_TCP_BIND_ADDRESS`` only sets the address
+*advertised* in non-P2P metadata mode; ``MC_USE_IPV6`` switches to ``[::]``;
+``MC_LEGACY_RPC_PORT_BINDING`` changes nothing here). The library cannot bind one address.
+Anyone who reaches those ports can read and write this process's registered memory: the data
+port checks only that addresses fall inside registered regions, it authenticates nobody.
+What this module does instead: right after ``initialize`` it finds the engine's new
+wildcard listeners (``/proc/self/net/tcp{,6}``) and sets ``SO_BINDTODEVICE`` on them to the
+interface that owns ``host`` (``lo`` for a loopback host). The kernel then accepts only
+connections that arrive on that interface. Measured (``ss`` shows ``0.0.0.0%lo:PORT`` and
+``*%lo:PORT``): with host 127.0.0.1, connects to 127.0.0.1 succeed, connects from another
+network namespace over a veth pair and to this host's eth0 address are refused; with a veth
+address as host, peers over that veth and local connects to that address succeed, 127.0.0.1
+and eth0 are refused. An interface binding is not an address binding: every address of that
+interface is accepted. Unprivileged processes may set it since Linux 5.7; where it fails,
+or ``host`` is a wildcard (0.0.0.0) or its interface cannot be found, the listeners stay on
+every interface and a WARNING says so. Ports come from ``MC_MIN_RPC_PORT``..``MC_MAX_RPC_PORT``
+(library default 15000-17000), so a firewall rule can name them.
+
 Logging: the library logs through glog at INFO by default. ``MC_LOG_LEVEL`` (``TRACE``,
 ``INFO``, ``WARNING``, ``ERROR``) is read once, when ``mooncake.engine`` is first
 imported; this module sets it to ``ERROR`` unless the environment already chose.
@@ -29,10 +51,14 @@ imported; this module sets it to ``ERROR`` unless the environment already chose.
 
 from __future__ import annotations
 
+import fcntl
+import ipaddress
 import logging
 import math
 import os
 import re
+import socket
+import struct
 from typing import Any
 
 import torch
@@ -60,6 +86,74 @@ def _import_engine() -> Any:
             f"mooncake transfer backend needs the 'mooncake-transfer-engine' package and Debian's libibverbs1: {exc}"
         ) from exc
     return TransferEngine
+
+
+def _own_wildcard_listeners() -> dict[int, int]:
+    """``{fd: port}`` of this process's listening TCP sockets bound to 0.0.0.0 or [::]."""
+    inodes = {}
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            link = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:  # closed meanwhile
+            continue
+        if link.startswith("socket:["):
+            inodes[int(link[8:-1])] = int(fd)
+    found = {}
+    for table in ("tcp", "tcp6"):
+        try:
+            with open(f"/proc/self/net/{table}") as fh:
+                rows = fh.read().splitlines()[1:]
+        except OSError:  # no IPv6 in this kernel
+            continue
+        for row in rows:
+            cols = row.split()
+            address, port = cols[1].split(":")
+            if cols[3] == "0A" and int(cols[9]) in inodes and not address.strip("0"):  # 0A: LISTEN
+                found[inodes[int(cols[9])]] = int(port, 16)
+    return found
+
+
+def _interface_of(host: str) -> str | None:
+    """Name of the network interface that holds ``host`` (``lo`` for loopback); ``None`` for a
+    wildcard or when no interface has it."""
+    try:
+        addr = ipaddress.ip_address(socket.getaddrinfo(host.strip("[]"), None)[0][4][0].split("%")[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    if addr.is_unspecified:
+        return None
+    if addr.is_loopback:
+        return "lo"
+    if addr.version == 6:
+        with open("/proc/net/if_inet6") as fh:  # "<32 hex digits> <ifindex> <plen> <scope> <flags> <name>"
+            for line in fh:
+                cols = line.split()
+                if int(cols[0], 16) == int(addr):
+                    return cols[5]
+        return None
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        for _, name in socket.if_nameindex():
+            try:
+                raw = fcntl.ioctl(probe.fileno(), 0x8915, struct.pack("256s", name.encode()[:15]))  # SIOCGIFADDR
+            except OSError:  # interface without an IPv4 address
+                continue
+            if raw[20:24] == addr.packed:
+                return name
+    return None
+
+
+def _bind_to_device(fds: list[int], device: str) -> None:
+    """``SO_BINDTODEVICE`` on sockets this process holds but does not own as Python objects.
+
+    Raises:
+        OSError: the kernel refused (before Linux 5.7 it needs CAP_NET_RAW).
+    """
+    for fd in fds:
+        sock = socket.socket(fileno=fd)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, device.encode())
+        finally:
+            sock.detach()  # the library keeps owning the descriptor
 
 
 def parse_handle(handle: str) -> tuple[str, int, int]:
@@ -103,12 +197,42 @@ class MooncakeBackend(TransferBackend):
         engine_cls = _import_engine()
         os.environ["MC_TRANSFER_TIMEOUT"] = str(max(_MIN_LIBRARY_TIMEOUT_S, math.ceil(timeout_s)))
         self._engine = engine_cls()
+        before = _own_wildcard_listeners()
         ret = self._engine.initialize(host, "P2PHANDSHAKE", protocol, device_name)
         if ret != 0:
             self._pool.shutdown(wait=False)
             raise TransferError(f"mooncake engine failed to start on {host} (protocol {protocol}): code {ret}")
         self.endpoint = f"{host}:{self._engine.get_rpc_port()}"
-        logger.info("mooncake transfer engine listening on %s (%s)", self.endpoint, protocol)
+        new = {fd: port for fd, port in _own_wildcard_listeners().items() if before.get(fd) != port}
+        self.listen_ports = tuple(sorted(new.values()))
+        self.listen_device = self._restrict(host, list(new))
+        if self.listen_device is not None:
+            logger.info("mooncake transfer engine at %s (%s): ports %s accept only connections on interface %s",
+                        self.endpoint, protocol, self.listen_ports, self.listen_device)
+
+    def _restrict(self, host: str, fds: list[int]) -> str | None:
+        """Confine the engine's listeners to the interface of ``host`` (module docstring).
+
+        Returns:
+            The interface name, or ``None`` when they stay open on every interface (WARNING logged).
+        """
+        device = _interface_of(host)
+        why = ""
+        if device is None:
+            why = f"{host!r} is a wildcard or on no local interface"
+        elif not fds:
+            why = "its listening sockets were not found"
+        else:
+            try:
+                _bind_to_device(fds, device)
+            except OSError as exc:
+                why = f"SO_BINDTODEVICE {device} refused: {exc.strerror} (Linux < 5.7 needs CAP_NET_RAW)"
+        if why:
+            logger.warning("mooncake transfer engine at %s listens on every interface (ports %s): %s; anyone "
+                           "who reaches these ports can read and write registered memory (README 'Threat model')",
+                           self.endpoint, self.listen_ports, why)
+            return None
+        return device
 
     def _allocate(self, nbytes: int, name_hint: str) -> Region:
         tensor = torch.zeros(nbytes, dtype=torch.uint8)

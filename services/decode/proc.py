@@ -74,6 +74,8 @@ class DecodeProc(ServiceProc):
                                        msg.reply_to)
         except ValueError as exc:
             self.fail(msg.reply_to, msg.request_id, pb.OUT_OF_CAPACITY, str(exc))
+            return
+        self.track(msg.request_id, ids=(env.sender,))  # a dead prefill's reservations are freed
 
     def on_kv_ready(self, env, msg: pb.KvReady, blobs) -> None:
         if msg.request_id in self.aborted:
@@ -85,6 +87,8 @@ class DecodeProc(ServiceProc):
             self.fail(msg.reply_to, msg.request_id, pb.INTERNAL, "decode holds no KV blocks for this request")
             return
         self.reply_to[msg.request_id] = msg.reply_to
+        # From now on only the gateway matters: nobody to stream to once it is gone.
+        self.track(msg.request_id, inboxes=(msg.reply_to,), replace=True)
 
     def on_abort(self, env, msg: pb.AbortRequest, blobs) -> None:
         self.aborted.add(msg.request_id)
@@ -120,6 +124,22 @@ class DecodeProc(ServiceProc):
             # before KvReady the failure goes to prefill (which tells the gateway), after it to the gateway
             target = self.reply_to.pop(req.request_id, None) or req.reply_to
             self.fail(target, req.request_id, pb.ErrorCode.Value(code), message)
+
+    def has_request(self, request_id: str) -> bool:
+        return self.engine.sched.knows(request_id)
+
+    def drop_request(self, request_id: str, code: int, reason: str, peer: str = "") -> None:
+        """Free the request's blocks; tell prefill (before KvReady) or the gateway (after)."""
+        req = self.engine.sched.release(request_id)
+        if req is None:
+            return
+        self.aborted.add(request_id)
+        target = self.reply_to.pop(request_id, None) or req.reply_to
+        self.fail(target, request_id, code, reason, peer=peer)
+
+    def on_step_error(self, exc: Exception) -> None:
+        for request_id in list(self.engine.sched.running):
+            self.drop_request(request_id, pb.INTERNAL, f"decode: step failed: {type(exc).__name__}: {exc}")
 
     def fail_all(self, reason: str) -> None:
         sched = self.engine.sched

@@ -43,6 +43,10 @@ class EncoderProc(ServiceProc):
         self.pool = FeaturePool(self.region.tensor, on_evict=self._on_evict)
         self.queue: deque[_Job] = deque()
         self.failed: set[str] = set()
+        self._batch: list[_Job] = []  # the batch a step is encoding (failed if the step raises)
+        # Requests this encoder still answers for: queued, or FeaturesReady sent and not yet
+        # certain to be delivered (request id -> (request, monotonic expiry)).
+        self.active: dict[str, tuple[pb.EncodeRequest, float]] = {}
 
     def handlers(self):
         return {"encode_request": self.on_encode_request, "abort_request": self.on_abort}
@@ -62,6 +66,8 @@ class EncoderProc(ServiceProc):
     # -- handlers ----------------------------------------------------------------------
     def on_encode_request(self, env, req: pb.EncodeRequest, blobs: list[bytes]) -> None:
         deadline = time.time() + self.cfg.request_timeout_s
+        self.active[req.request_id] = (req, time.monotonic() + self.cfg.request_timeout_s)
+        self.track(req.request_id, ids=(env.sender, req.prefill_instance))
         jobs = []
         for item in req.images:
             hit = self.pool.lookup(item.mm_hash, deadline)
@@ -78,16 +84,35 @@ class EncoderProc(ServiceProc):
                 self._fail_request(req, pb.INVALID_REQUEST, f"image {item.index}: {exc}")
                 return
             jobs.append(_Job(req, item, image, deadline))
-        self.queue.extend(jobs)
+        if jobs:
+            self.queue.extend(jobs)
+            self.active[req.request_id] = (req, time.monotonic() + self.cfg.request_timeout_s)
 
     def on_abort(self, env, msg: pb.AbortRequest, blobs) -> None:
         self.queue = deque(j for j in self.queue if j.request.request_id != msg.request_id)
+        self.active.pop(msg.request_id, None)
+
+    def has_request(self, request_id: str) -> bool:
+        return request_id in self.active
+
+    def drop_request(self, request_id: str, code: int, reason: str, peer: str = "") -> None:
+        req, _ = self.active.get(request_id, (None, 0.0))
+        if req is not None:
+            self._fail_request(req, code, reason, peer=peer)
+
+    def on_step_error(self, exc: Exception) -> None:
+        batch, self._batch = self._batch, []
+        for job in batch:
+            self._fail_request(job.request, pb.INTERNAL, f"encoder: step failed: {type(exc).__name__}: {exc}")
 
     # -- step --------------------------------------------------------------------------
     def step(self) -> bool:
+        mono = time.monotonic()
+        for rid in [r for r, (_, until) in self.active.items() if until < mono]:
+            del self.active[rid]
         if not self.queue:
             return False
-        batch = self._take_batch()
+        batch = self._batch = self._take_batch()
         now = time.time()
         live = []
         for job in batch:
@@ -114,6 +139,7 @@ class EncoderProc(ServiceProc):
                 continue
             self._publish(entry)
             self._notify(job.request, job.item, entry)
+        self._batch = []
         return bool(self.queue)
 
     def _take_batch(self) -> list[_Job]:
@@ -155,18 +181,22 @@ class EncoderProc(ServiceProc):
             request_id=req.request_id, mm_hash=item.mm_hash, index=item.index, features=ref,
             grid_thw=entry.grid_thw, encoder_instance=self.instance_id,
         )
-        if not self.send(req.prefill_inbox, msg):
-            self._fail_request(req, pb.UNAVAILABLE, "prefill instance unreachable")
+        self.send(req.prefill_inbox, msg)
+        if not any(j.request.request_id == req.request_id for j in self.queue):
+            # Every image answered: keep answering for it only until delivery is certain.
+            self.active[req.request_id] = (req, time.monotonic() + self.cfg.send_timeout_s + 1)
 
-    def _fail_request(self, req: pb.EncodeRequest, code: int, message: str) -> None:
+    def _fail_request(self, req: pb.EncodeRequest, code: int, message: str, peer: str = "") -> None:
+        self.active.pop(req.request_id, None)
         if req.request_id in self.failed:
             return
         self.failed.add(req.request_id)
         if len(self.failed) > 10_000:
             self.failed.clear()
         self.queue = deque(j for j in self.queue if j.request.request_id != req.request_id)
-        self.fail(req.reply_to, req.request_id, code, message)
-        self.send(req.prefill_inbox, pb.AbortRequest(request_id=req.request_id, reason=message))
+        self.fail(req.reply_to, req.request_id, code, message, peer=peer)
+        if peer not in (req.prefill_instance, req.prefill_inbox):
+            self.send(req.prefill_inbox, pb.AbortRequest(request_id=req.request_id, reason=message))
 
     def fail_all(self, reason: str) -> None:
         for job in list(self.queue):

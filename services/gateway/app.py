@@ -26,14 +26,17 @@ import logging
 import os
 import signal
 import time
-from dataclasses import dataclass
+import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
 from epd.config import GatewayConfig
-from epd.registry.registry import FeatureEntry, Registry, RegistryError
+from epd.registry.peers import PeerWatch
+from epd.registry.registry import FeatureEntry, Heartbeat, InstanceInfo, Registry, RegistryError
+from epd.wire.auth import Signer, check_exposure, load_secret
 from epd.wire.gen import epd_pb2 as pb
 from epd.wire.sockets import PeerUnavailable, WireTap
 from services.gateway.engine_client import EngineClient
@@ -51,14 +54,17 @@ BLOCKS_GRACE_S = 2.0  # decode's heartbeat shows a reservation within heartbeat 
 
 @dataclass
 class Admitted:
-    """A request that entered the pipeline.
+    """One attempt of a request in the pipeline (a retry or migration is a new attempt).
 
     Attributes:
-        rid: request id (also the response ``id``).
+        rid: the attempt's request id on the wire (the client's id, plus ``-r1``, ``-m1``… for
+            later attempts, so no stage confuses it with the one it replaces).
         plan: route and instances; holds the in-flight charges.
         prompt: token ids and images.
-        max_tokens: generation budget.
+        max_tokens: generation budget of this attempt.
         t_arrival: ``time.perf_counter()`` when the HTTP handler started.
+        queue: the attempt's message queue (:meth:`EngineClient.open`).
+        deps: instance id -> incarnation of every stage it was sent to (failure detection).
         feature_bytes: derived bytes prefill reads from encoder pools.
     """
 
@@ -67,34 +73,68 @@ class Admitted:
     prompt: Prompt
     max_tokens: int
     t_arrival: float
+    queue: asyncio.Queue | None = None
+    deps: dict[str, str] = field(default_factory=dict)
     feature_bytes: int = 0
+    started: bool = False  # its first token arrived (encoder and prefill charges released)
+
+
+class StageUnreachable(RuntimeError):
+    """A message to one stage of a plan was not delivered."""
+
+    def __init__(self, instance_id: str, why: str) -> None:
+        super().__init__(f"stage {instance_id} unreachable: {why}")
+        self.instance_id = instance_id
 
 
 class Gateway:
-    """State shared by the HTTP handlers: config, tokenizer, registry view, router, wire, metrics."""
+    """State shared by the HTTP handlers: config, tokenizer, registry view, router, wire, metrics.
+
+    The gateway registers itself in the registry (role ``gateway``) so that stages can tell when
+    the gateway a request's tokens go to is gone, and watches the registry for stages that are
+    gone (:class:`PeerWatch`): every attempt that depends on one is told (``stage_lost``).
+    """
 
     def __init__(self, cfg: GatewayConfig) -> None:
         self.cfg = cfg
         self.model_name = cfg.served_model_name or Path(cfg.model).name
         self.prompts = PromptBuilder(cfg.model)
-        self.registry = Registry(cfg.redis_url)
+        secret = load_secret(cfg.cluster_secret, cfg.cluster_secret_file)
+        check_exposure(cfg.host, secret, "EPD_HOST")
+        self.registry = Registry(cfg.redis_url, secret=secret)
         self.router = Router()
+        self.peers = PeerWatch(grace_s=2 * cfg.heartbeat_s + 0.5)
         self.metrics = GatewayMetrics(self.router)
         self.media = MediaFetcher(cfg.max_image_pixels, cfg.allowed_media_dir, cfg.allow_remote_media,
                                   cfg.max_image_mb << 20, cfg.media_fetch_timeout_s)
         self.instance_id = cfg.instance_id or f"gateway-{id(self):x}"
-        self.client = EngineClient(cfg.host, cfg.port, self.instance_id, tap=WireTap(cfg.wire_tap))
+        self.client = EngineClient(cfg.host, cfg.port, self.instance_id, tap=WireTap(cfg.wire_tap),
+                                   signer=Signer(secret), send_timeout_s=cfg.send_timeout_s,
+                                   queue_max=cfg.send_queue_max)
+        self.attempts: dict[str, Admitted] = {}  # in flight, by attempt id
+        self.heartbeat: Heartbeat | None = None
         self._refresher: asyncio.Task | None = None
         self._background: set[asyncio.Task] = set()
 
     async def start(self) -> None:
         await self.refresh()
         self.client.start()
+        info = InstanceInfo(instance_id=self.instance_id, roles=["gateway"], inbox=self.client.address,
+                            model=str(self.cfg.model), pid=os.getpid(), incarnation=uuid.uuid4().hex[:16])
+        self.heartbeat = Heartbeat(self.registry, info, lambda: {"inflight": float(len(self.attempts))},
+                                   self.cfg.heartbeat_s, self.cfg.instance_ttl_s)
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, self.heartbeat.beat)
+        except RegistryError as exc:  # the heartbeat thread keeps trying
+            logger.warning("gateway not registered yet: %s", exc)
+        self.heartbeat.start()
         self._refresher = asyncio.get_running_loop().create_task(self._refresh_loop())
 
     async def stop(self) -> None:
         if self._refresher:
             self._refresher.cancel()
+        if self.heartbeat is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.heartbeat.stop)
         if self._background:
             await asyncio.wait(self._background, timeout=2)
         await self.media.close()
@@ -107,6 +147,13 @@ class Gateway:
             logger.warning("registry refresh failed: %s", exc)
             return
         self.router.update(snapshot)
+        for ref in self.peers.update(snapshot):
+            self.metrics.peer_deaths.labels(ref.instance_id).inc()
+            hit = [a for a in self.attempts.values() if a.deps.get(ref.instance_id) == ref.incarnation]
+            logger.warning("instance %s (incarnation %s) is gone; %d request(s) depended on it",
+                           ref.instance_id, ref.incarnation, len(hit))
+            for adm in hit:
+                adm.queue.put_nowait(("stage_lost", ref, time.perf_counter(), ""))
 
     async def _refresh_loop(self) -> None:
         parent = os.getppid()
@@ -185,16 +232,19 @@ class Gateway:
             logger.warning("feature cache lookup failed, encoding instead: %s", exc)
             return {}
         return {im.index: e for im, e in zip(prompt.images, entries, strict=True)
-                if e is not None and self.router.is_live(e.holder) and list(e.grid_thw) == list(im.grid_thw)
+                if e is not None and self.router.is_usable(e.holder) and list(e.grid_thw) == list(im.grid_thw)
                 and e.shape and e.shape[0] == im.num_tokens}
 
     async def submit(self, rid: str, sampling: pb.SamplingParams, prompt: Prompt, max_tokens: int,
                      t_arrival: float) -> Admitted:
-        """Choose route and instances and send the request into the pipeline.
+        """Choose route and instances, open the attempt's stream and send it into the pipeline.
 
         Raises:
-            ApiError: 503 (no instance of a needed role, or a stage unreachable) or 429 (every
-                instance of a role full), both with ``Retry-After``.
+            ApiError: 503 (no instance of a needed role) or 429 (every instance of a role
+                full), both with ``Retry-After``.
+            StageUnreachable: a stage of the plan did not take its message within
+                EPD_SEND_TIMEOUT_S (the attempt is aborted and its charges released; the
+                caller suspects that instance and may submit again).
         """
         if not self.router.instances["prefill"] or not self.router.instances["decode"]:
             await self.refresh()
@@ -207,42 +257,43 @@ class Gateway:
             raise ApiError(status, str(exc), type_="service_unavailable" if status == 503 else "rate_limit_error",
                            headers={"Retry-After": "1"}) from None
         adm = Admitted(rid, plan, prompt, max_tokens, t_arrival)
+        by_holder: dict[str, list[int]] = {}
+        for index, entry in cached.items():
+            by_holder.setdefault(entry.holder, []).append(index)
+            adm.feature_bytes += entry.nbytes
+        plan.holders.update(by_holder)
+        stages = {plan.prefill.instance_id, plan.decode.instance_id, *plan.encoders, *plan.holders}
+        adm.deps = {i: self.router.by_id[i].incarnation for i in stages if i in self.router.by_id}
+        adm.queue = self.client.open(rid, {plan.prefill.instance_id, plan.decode.instance_id}, stages)
+        self.attempts[rid] = adm
         now = time.time()
         items = [pb.ImageItem(mm_hash=im.image.mm_hash, index=im.index, width=im.image.width,
                               height=im.image.height, num_tokens=im.num_tokens, grid_thw=list(im.grid_thw))
                  for im in prompt.images]
-        try:
-            await self.client.send(plan.prefill.inbox, pb.PrefillRequest(
-                request_id=rid, prompt_token_ids=prompt.token_ids, images=items, sampling=sampling,
-                decode_instance=plan.decode.instance_id, decode_inbox=plan.decode.inbox,
-                reply_to=self.client.address, arrival_time=now, deadline=now + self.cfg.request_timeout_s,
-            ))
-            self.metrics.ingress.observe(time.perf_counter() - t_arrival)
-            # Cached images go to their holder, which leases the pool entry (so it cannot be
-            # evicted while prefill reads it) and answers FeaturesReady at once without encoding;
-            # if the entry was evicted meanwhile, the holder still has the bytes and re-encodes.
-            by_holder: dict[str, list[int]] = {}
-            for index, entry in cached.items():
-                by_holder.setdefault(entry.holder, []).append(index)
-                adm.feature_bytes += entry.nbytes
-            plan.holders.update(by_holder)
-            for holder, indices in by_holder.items():
-                await self._send_encode(rid, plan, holder, [items[i] for i in indices],
-                                        [prompt.images[i].image.data for i in indices])
-            for enc_id, indices in plan.encoders.items():
+        sends = [(plan.prefill.instance_id, self.client.send(plan.prefill.inbox, pb.PrefillRequest(
+            request_id=rid, prompt_token_ids=prompt.token_ids, images=items, sampling=sampling,
+            decode_instance=plan.decode.instance_id, decode_inbox=plan.decode.inbox,
+            reply_to=self.client.address, arrival_time=now, deadline=now + self.cfg.request_timeout_s,
+        )))]
+        # Cached images go to their holder, which leases the pool entry (so it cannot be
+        # evicted while prefill reads it) and answers FeaturesReady at once without encoding;
+        # if the entry was evicted meanwhile, the holder still has the bytes and re-encodes.
+        for enc_id, indices in [*by_holder.items(), *plan.encoders.items()]:
+            if enc_id in plan.encoders:
                 for i in indices:
                     adm.feature_bytes += self.prompts.feature_bytes(prompt.images[i].num_tokens, self.cfg.dtype)
-                await self._send_encode(rid, plan, enc_id, [items[i] for i in indices],
-                                        [prompt.images[i].image.data for i in indices])
                 self.metrics.instance_requests.labels(enc_id, "encoder").inc()
-        except BaseException as exc:  # unreachable stage, or the handler cancelled (client gone)
-            self.router.release(plan)
-            self.router.release_blocks(plan)
-            self.background(self.abort(rid, plan, "gateway could not reach a stage"))
+            sends.append((enc_id, self._send_encode(rid, plan, enc_id, [items[i] for i in indices],
+                                                    [prompt.images[i].image.data for i in indices])))
+        results = await asyncio.gather(*(s for _, s in sends), return_exceptions=True)
+        failed = [(iid, r) for (iid, _), r in zip(sends, results, strict=True) if isinstance(r, BaseException)]
+        if failed:
+            self.end_attempt(adm, "gateway could not reach a stage")
+            iid, exc = failed[0]
             if isinstance(exc, PeerUnavailable):
-                raise ApiError(503, f"stage unreachable: {exc}", type_="service_unavailable",
-                               headers={"Retry-After": "1"}) from None
-            raise
+                raise StageUnreachable(iid, str(exc))
+            raise exc
+        self.metrics.ingress.observe(time.perf_counter() - t_arrival)
         m = self.metrics
         m.requests.labels(plan.route).inc()
         m.instance_requests.labels(plan.prefill.instance_id, "prefill").inc()
@@ -270,17 +321,35 @@ class Gateway:
             prefill_inbox=plan.prefill.inbox, reply_to=self.client.address,
         ), blobs)
 
-    async def abort(self, rid: str, plan: Plan, reason: str) -> None:
-        """Tell every stage of ``plan`` to drop ``rid`` and free what it holds."""
+    def mark_started(self, adm: Admitted) -> None:
+        """The attempt's first token arrived: encoder and prefill are done with it."""
+        if adm.started:
+            return
+        adm.started = True
+        self.router.release(adm.plan, ("encoder", "prefill"))
+        asyncio.get_running_loop().call_later(BLOCKS_GRACE_S, self.router.release_blocks, adm.plan)
+
+    def end_attempt(self, adm: Admitted, abort_reason: str | None) -> None:
+        """Forget an attempt: close its stream, release its charges, and (``abort_reason``
+        given) tell every stage of its plan to drop it. Idempotent."""
+        self.client.close_stream(adm.rid)
+        if self.attempts.pop(adm.rid, None) is None:
+            return
+        self.router.release(adm.plan)
+        if not adm.started:
+            self.router.release_blocks(adm.plan)
+        if abort_reason is not None:
+            self.abort(adm.rid, adm.plan, abort_reason)
+
+    def abort(self, rid: str, plan: Plan, reason: str) -> None:
+        """Tell every stage of ``plan`` to drop ``rid`` and free what it holds (never blocks;
+        a stage that is gone simply does not get it)."""
         targets = {plan.prefill.inbox, plan.decode.inbox}
         encoders = set(plan.encoders) | plan.holders
         targets.update(self.router.by_id[e].inbox for e in encoders if e in self.router.by_id)
         logger.info("request %s: aborting in %d stage(s): %s", rid, len(targets), reason)
         for address in targets:
-            try:
-                await self.client.send(address, pb.AbortRequest(request_id=rid, reason=reason))
-            except PeerUnavailable:
-                logger.warning("request %s: abort not delivered to %s", rid, address)
+            self.client.send_nowait(address, pb.AbortRequest(request_id=rid, reason=reason))
 
 
 @web.middleware

@@ -15,6 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from epd.wire.gen import epd_pb2 as pb
 from services.gateway.app import GATEWAY_KEY, Gateway
+from services.gateway.attempts import RequestRun
 from services.gateway.prompt import Prompt, image_urls
 from services.gateway.protocol import ApiError, ChatCompletionRequest, CompletionRequest, ResponseShape, new_id
 from services.gateway.responder import respond
@@ -36,17 +37,17 @@ async def _serve(request: web.Request, gw: Gateway, req, prompt: Prompt, request
                  chat: bool, t_arrival: float) -> web.StreamResponse:
     max_tokens = gw.max_tokens(requested_max, len(prompt.token_ids))
     rid = new_id("chatcmpl" if chat else "cmpl")
-    queue = gw.client.open(rid)
+    run = RequestRun(gw, rid, _sampling(req, max_tokens), prompt, t_arrival)
     try:
-        adm = await gw.submit(rid, _sampling(req, max_tokens), prompt, max_tokens, t_arrival)
+        queue = await run.start()
     except BaseException:
-        gw.client.close_stream(rid)
+        run.end("gateway: request not admitted")
         raise
-    stream = TokenStream(queue, deadline=time.monotonic() + gw.cfg.request_timeout_s)
+    stream = TokenStream(queue, deadline=time.monotonic() + gw.cfg.request_timeout_s, recover=run.recover)
     include_usage = bool(req.stream and req.stream_options and req.stream_options.include_usage)
     shape = ResponseShape(chat, rid, gw.model_name, include_usage)
-    headers = {"x-epd-route": adm.plan.route, "x-request-id": rid}
-    return await respond(request, gw, adm, stream, shape, req.stop_strings(), bool(req.stream),
+    headers = {"x-epd-route": run.attempt.plan.route, "x-request-id": rid}
+    return await respond(request, gw, run, stream, shape, req.stop_strings(), bool(req.stream),
                          req.return_token_ids, headers)
 
 

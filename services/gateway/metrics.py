@@ -37,14 +37,18 @@ class _InstanceCollector:
                                  "running/free_blocks)", labels=["instance", "role", "key"])
         charged = GaugeMetricFamily("epd_instance_inflight_cost", "Cost this gateway charged to an instance "
                                     "and has not released yet", labels=["instance"])
+        restarts = GaugeMetricFamily("epd_instance_restarts", "Times the supervisor restarted an instance "
+                                     "(EPD_RESTARTS, from the registry)", labels=["instance", "role"])
         for role, infos in self.router.instances.items():
             for info in infos:
+                restarts.add_metric([info.instance_id, role], float(info.restarts))
                 for key, value in info.load.items():
                     load.add_metric([info.instance_id, role, key], float(value))
         for instance, cost in self.router.charged().items():
             charged.add_metric([instance], cost)
         yield load
         yield charged
+        yield restarts
 
 
 class GatewayMetrics:
@@ -77,6 +81,11 @@ class GatewayMetrics:
                                       "the gateway (kind: feature, kv)", ["kind"], registry=r)
         self.prompt_tokens = Counter("epd_prompt_tokens", "Prompt tokens admitted", registry=r)
         self.generation_tokens = Counter("epd_generation_tokens", "Tokens generated", registry=r)
+        self.recoveries = Counter("epd_request_recoveries", "Attempts replaced after a stage failed: retry "
+                                  "(before the first token) or migration (after it)", ["kind"], registry=r)
+        self.peer_deaths = Counter("epd_peer_deaths", "Instances the gateway's registry watch found gone "
+                                   "(heartbeat expired or restarted under a new incarnation)", ["instance"],
+                                   registry=r)
         r.register(_InstanceCollector(router))
 
     def render(self) -> bytes:

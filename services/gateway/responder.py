@@ -17,7 +17,8 @@ import time
 
 from aiohttp import web
 
-from services.gateway.app import BLOCKS_GRACE_S, Admitted, Gateway
+from services.gateway.app import Gateway
+from services.gateway.attempts import RequestRun
 from services.gateway.protocol import ApiError, ResponseShape
 from services.gateway.stream import Detokenizer, StopChecker, TokenStream
 
@@ -32,8 +33,8 @@ class Generation:
         stopped_early: a stop string matched before the stages finished (they must be aborted).
     """
 
-    def __init__(self, gw: Gateway, adm: Admitted, stream: TokenStream, stops: list[str]) -> None:
-        self.gw, self.adm, self.stream = gw, adm, stream
+    def __init__(self, gw: Gateway, run: RequestRun, stream: TokenStream, stops: list[str]) -> None:
+        self.gw, self.run, self.stream = gw, run, stream
         self.detok = Detokenizer(gw.prompts.tokenizer)
         self.stops = StopChecker(stops)
         self.finish_reason: str | None = None
@@ -53,6 +54,7 @@ class Generation:
         if ids is None:
             return None
         now = time.perf_counter()
+        self.run.started()
         if not self.t_first:
             self._on_first_token(now)
         else:
@@ -70,42 +72,39 @@ class Generation:
         return text, ids, self.finish_reason
 
     def _on_first_token(self, now: float) -> None:
-        gw, adm = self.gw, self.adm
+        gw, adm = self.gw, self.run.attempt
         self.t_first = now
-        gw.metrics.ttft.observe(now - adm.t_arrival)
-        gw.router.release(adm.plan, ("encoder", "prefill"))
-        loop = asyncio.get_running_loop()
-        loop.call_later(BLOCKS_GRACE_S, gw.router.release_blocks, adm.plan)
+        gw.metrics.ttft.observe(now - self.run.t_arrival)
         gw.metrics.transfer_bytes.labels("feature").inc(adm.feature_bytes)
         if not self.stream.done:  # the KV went to decode: whole blocks of the prompt
             n = len(adm.prompt.token_ids)
             bs = adm.plan.decode.capacity.get("block_size", 1) or 1
             gw.metrics.transfer_bytes.labels("kv").inc(-(-n // bs) * bs * gw.prompts.kv_bytes_per_token(gw.cfg.dtype))
 
-    def close(self, reason: str | None) -> None:
-        """Release charges and record the request's end (``reason``: finish reason, abort, error)."""
-        gw, adm, m = self.gw, self.adm, self.gw.metrics
-        gw.router.release(adm.plan)
-        if not self.t_first:
-            gw.router.release_blocks(adm.plan)
+    def close(self, reason: str | None, abort_reason: str | None) -> None:
+        """Release the attempt (aborting it in every stage when ``abort_reason``) and record the
+        request's end (``reason``: finish reason, abort, error)."""
+        m = self.gw.metrics
+        self.run.end(abort_reason)
         m.finished.labels(reason or "abort").inc()
         n = len(self.stream.token_ids)
         m.generation_tokens.inc(n)
         if self.finished:
-            m.e2e.observe(self.t_last - adm.t_arrival)
+            m.e2e.observe(self.t_last - self.run.t_arrival)
             if n > 1:
                 m.tpot.observe((self.t_last - self.t_first) / (n - 1))
 
 
-async def respond(request: web.Request, gw: Gateway, adm: Admitted, stream: TokenStream, shape: ResponseShape,
+async def respond(request: web.Request, gw: Gateway, run: RequestRun, stream: TokenStream, shape: ResponseShape,
                   stops: list[str], streaming: bool, return_token_ids: bool, headers: dict[str, str]):
-    """Run ``adm`` to the end and answer: JSON body, or SSE chunks ending with ``data: [DONE]``.
+    """Run ``run`` to the end and answer: JSON body, or SSE chunks ending with ``data: [DONE]``.
 
     Whatever happens (finish, stop string, failure, client gone, handler cancelled), the
     in-flight charges are released, and unless every stage finished by itself the request is
-    aborted in every stage of its plan.
+    aborted in every stage of its current attempt. A client that goes away counts as
+    ``finish_reason="abort"``, a failure as ``error``.
     """
-    gen = Generation(gw, adm, stream, stops)
+    gen = Generation(gw, run, stream, stops)
     outcome = "error"
     try:
         if streaming:
@@ -114,23 +113,22 @@ async def respond(request: web.Request, gw: Gateway, adm: Admitted, stream: Toke
             resp = await _full(gen, shape, return_token_ids, headers)
         outcome = gen.finish_reason or "error"
         return resp
-    except (ConnectionResetError, ConnectionError):
-        logger.info("request %s: client disconnected", adm.rid)
+    except (ConnectionResetError, ConnectionError, asyncio.CancelledError):
+        logger.info("request %s: client disconnected", run.rid)
         outcome = "abort"
         raise
     finally:
-        gw.client.close_stream(adm.rid)
-        gen.close(outcome)
+        abort = None
         if not stream.done or gen.stopped_early:
-            why = "stop string matched" if gen.stopped_early else "gateway: request ended early"
-            gw.background(gw.abort(adm.rid, adm.plan, why))
+            abort = "stop string matched" if gen.stopped_early else "gateway: request ended early"
+        gen.close(outcome, abort)
 
 
 async def _full(gen: Generation, shape: ResponseShape, return_token_ids: bool, headers) -> web.Response:
     parts = []
     while (piece := await gen.next()) is not None:
         parts.append(piece[0])
-    body = shape.full("".join(parts), gen.finish_reason, gen.adm.prompt.token_ids, gen.stream.token_ids,
+    body = shape.full("".join(parts), gen.finish_reason, gen.run.prompt.token_ids, gen.stream.token_ids,
                       return_token_ids)
     return web.json_response(body, headers=headers)
 
@@ -150,10 +148,11 @@ async def _stream(request: web.Request, gw: Gateway, gen: Generation, shape: Res
                 gw.metrics.egress.observe(time.perf_counter() - gen.stream.received_at)
             piece = await gen.next()
     except ApiError as exc:  # failure after the headers went out: an error event, then [DONE]
-        logger.warning("request %s: failed mid-stream: %s", gen.adm.rid, exc.message)
+        logger.warning("request %s: failed mid-stream: %s", gen.run.rid, exc.message)
+        gw.metrics.errors.labels(str(exc.status)).inc()
         await resp.write(f"data: {json.dumps(exc.body())}\n\n".encode())
     if shape.include_usage:
-        await resp.write(shape.usage_chunk(len(gen.adm.prompt.token_ids), len(gen.stream.token_ids)))
+        await resp.write(shape.usage_chunk(len(gen.run.prompt.token_ids), len(gen.stream.token_ids)))
     await resp.write(b"data: [DONE]\n\n")
     await resp.write_eof()
     return resp

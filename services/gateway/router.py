@@ -20,7 +20,10 @@ Least-loaded choice per stage with a stage-specific cost:
 Encoder and prefill charges are released at the request's first token (their work is done
 then); decode's request charge at the end. The KV-block charge covers the gap until decode's
 own heartbeat shows the reservation, so it is released a grace period after the first token.
-Instances whose heartbeat expired are absent from the view, hence never chosen.
+Instances whose heartbeat expired are absent from the view, hence never chosen; so are
+draining ones (alive, finishing their requests) and *suspects*: an incarnation a stage or a
+send reported unreachable is not chosen again until the registry shows it under a new
+incarnation or drops it, so a retry does not land on the instance that just failed.
 """
 
 from __future__ import annotations
@@ -83,6 +86,7 @@ class Router:
         self.inflight: dict[str, float] = defaultdict(float)
         self.inflight_blocks: dict[str, int] = defaultdict(int)
         self.by_id: dict[str, InstanceInfo] = {}
+        self.suspects: dict[str, str] = {}  # instance id -> incarnation reported unreachable
 
     def update(self, snapshot: list[InstanceInfo]) -> None:
         """Replace the view with a fresh registry snapshot (live instances only)."""
@@ -93,17 +97,37 @@ class Router:
                     view[role].append(info)
         self.instances = view
         self.by_id = {i.instance_id: i for i in snapshot}
+        self.suspects = {i: inc for i, inc in self.suspects.items()
+                         if i in self.by_id and self.by_id[i].incarnation == inc}
 
     def is_live(self, instance_id: str) -> bool:
         return instance_id in self.by_id
+
+    def is_usable(self, instance_id: str) -> bool:
+        """Live, not draining and not a suspect: may be given new work."""
+        info = self.by_id.get(instance_id)
+        return info is not None and self._usable(info)
+
+    def _usable(self, info: InstanceInfo) -> bool:
+        return not info.draining and self.suspects.get(info.instance_id, None) != info.incarnation
+
+    def suspect(self, instance_id: str) -> bool:
+        """Stop choosing the current incarnation of ``instance_id`` (until it is replaced).
+        Returns False when it is not in the view."""
+        info = self.by_id.get(instance_id)
+        if info is None:
+            return False
+        self.suspects[instance_id] = info.incarnation
+        return True
 
     def _cost(self, info: InstanceInfo, key: str) -> float:
         return info.load.get(key, 0.0) + self.inflight[info.instance_id]
 
     def _least(self, role: str, cost_key: str, room=None) -> InstanceInfo:
-        live = self.instances[role]
+        live = [i for i in self.instances[role] if self._usable(i)]
         if not live:
-            raise NoInstance(role, "none registered")
+            why = "none registered" if not self.instances[role] else "every instance is draining or unreachable"
+            raise NoInstance(role, why)
         candidates = [i for i in live if room is None or room(i)]
         if not candidates:
             raise NoInstance(role, "every instance is full", saturated=True)
@@ -135,8 +159,8 @@ class Router:
             return free - self.inflight_blocks[info.instance_id] >= self.blocks_needed(info, total)
 
         to_encode = [i for i in range(len(image_patches)) if i not in cached]
-        if to_encode and not self.instances["encoder"]:
-            raise NoInstance("encoder", "none registered")
+        if to_encode and not any(self._usable(i) for i in self.instances["encoder"]):
+            raise NoInstance("encoder", "none registered" if not self.instances["encoder"] else "none usable")
         prefill = self._least("prefill", "queued_tokens")
         decode = self._least("decode", "running", decode_has_room)
         if not image_patches:

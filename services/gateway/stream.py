@@ -20,21 +20,30 @@ class TokenStream:
     The first token comes from prefill and the rest from decode over different
     connections, so deltas are reordered by ``offset`` before they are released.
 
+    A failure (``RequestFailed``, or ``stage_lost`` from the gateway's registry watch) is first
+    offered to ``recover`` (:meth:`RequestRun.recover`): when it returns a new attempt's queue,
+    the stream goes on reading there, that attempt's offsets counted from the tokens already
+    released, and the client sees one stream.
+
     Args:
-        queue: the request's message queue (``(payload field, message[, perf_counter at receipt])``).
+        queue: the request's message queue (``(payload field, message[, perf_counter at receipt, sender])``).
         deadline: ``time.monotonic()`` value after which the request fails with 504.
+        recover: ``async (code, message, peer, tokens so far) -> queue | None``; ``None``: no recovery.
 
     Raises (from iteration):
-        ApiError: the pipeline reported a failure (status from its code) or the deadline passed.
+        ApiError: the pipeline reported a failure (status from its code) that was not
+            recovered, or the deadline passed.
     """
 
-    def __init__(self, queue: asyncio.Queue, deadline: float) -> None:
+    def __init__(self, queue: asyncio.Queue, deadline: float, recover=None) -> None:
         self.queue = queue
         self.deadline = deadline
+        self.recover = recover
         self.token_ids: list[int] = []
         self.finish_reason: str | None = None
         self.num_prompt_tokens = 0
         self._pending: dict[int, pb.TokenDelta] = {}
+        self._base = 0  # output offset of the current attempt's first token
         self.done = False
         self.received_at = 0.0  # perf_counter when the message that completed the last batch arrived
 
@@ -59,12 +68,22 @@ class TokenStream:
                 return list(delta.token_ids)
             field, msg, *stamp = await self._message()
             self.received_at = stamp[0] if stamp else time.perf_counter()
-            if field == "request_failed":
-                status = _STATUS.get(msg.code, 500)
-                raise ApiError(status, f"{msg.stage}: {msg.message}", type_=_TYPE.get(status, "error"))
             if field == "token_delta":
-                self.num_prompt_tokens = msg.num_prompt_tokens or self.num_prompt_tokens
-                self._pending[msg.offset] = msg
+                self.num_prompt_tokens = self.num_prompt_tokens or msg.num_prompt_tokens
+                self._pending[self._base + msg.offset] = msg
+                continue
+            if field == "request_failed":
+                code, text, peer = msg.code, f"{msg.stage}: {msg.message}", msg.peer
+            elif field == "stage_lost":
+                code, text, peer = pb.UNAVAILABLE, f"instance {msg.instance_id} is gone", msg.instance_id
+            else:
+                continue
+            queue = await self.recover(code, text, peer, list(self.token_ids)) if self.recover else None
+            if queue is None:
+                status = _STATUS.get(code, 500)
+                raise ApiError(status, text, type_=_TYPE.get(status, "error"))
+            self.queue, self._base = queue, len(self.token_ids)
+            self._pending.clear()  # whatever the old attempt had in flight is not ours anymore
         return None
 
     async def first(self) -> list[int]:

@@ -44,6 +44,8 @@ class PrefillProc(ServiceProc):
         self.orphans: dict[str, tuple[float, list[pb.FeaturesReady]]] = {}
         self.eos_ids = set(self.adapter.eos_token_ids)
         self.aborted = Tombstones(ttl_s=ORPHAN_TTL_S)
+        self._batch: list[PrefillState] = []  # the batch a step is running (failed if the step raises)
+        self.handed_off: dict[str, tuple[PrefillState, float]] = {}  # KvReady sent, delivery not yet certain
 
     def handlers(self):
         return {
@@ -60,6 +62,7 @@ class PrefillProc(ServiceProc):
             "queued_requests": len(states),
             "queued_tokens": sum(s.num_tokens for s in states),
             "features_pending": sum(s.features_pending() for s in states),
+            "staging_used_bytes": self.staging.used_bytes,
         }
 
     # -- handlers ----------------------------------------------------------------------
@@ -70,12 +73,11 @@ class PrefillProc(ServiceProc):
             return
         state = PrefillState(req=req, deadline=req.deadline or time.time() + self.cfg.request_timeout_s)
         self.requests[rid] = state
+        self.track(rid, ids=(env.sender, req.decode_instance))
         # Reserve decode blocks now, before computing (receivers allocate, senders write).
         alloc = pb.KvAllocRequest(request_id=rid, num_tokens=state.num_tokens,
                                   max_new_tokens=req.sampling.max_tokens, reply_to=self.inbox.address)
-        if not self.send(req.decode_inbox, alloc):
-            self._fail(state, pb.UNAVAILABLE, "decode instance unreachable")
-            return
+        self.send(req.decode_inbox, alloc)
         for ready in self.orphans.pop(rid, (0.0, []))[1]:
             self._prefetch(state, ready)
 
@@ -107,6 +109,7 @@ class PrefillProc(ServiceProc):
 
     def on_abort(self, env, msg: pb.AbortRequest, blobs) -> None:
         self.orphans.pop(msg.request_id, None)
+        self.handed_off.pop(msg.request_id, None)
         self.aborted.add(msg.request_id)
         state = self.requests.get(msg.request_id)
         if state is not None:
@@ -116,6 +119,9 @@ class PrefillProc(ServiceProc):
     # -- step --------------------------------------------------------------------------
     def step(self) -> bool:
         self._collect_prefetches()
+        mono = time.monotonic()
+        for rid in [r for r, (_, until) in self.handed_off.items() if until < mono]:
+            del self.handed_off[rid]
         now = time.time()
         for state in [s for s in self.requests.values() if s.deadline < now]:
             self._fail(state, pb.TIMEOUT, "prefill: request timed out waiting for features or KV blocks")
@@ -124,8 +130,16 @@ class PrefillProc(ServiceProc):
         ready = [s for s in self.requests.values() if s.is_ready()]
         if not ready:
             return any(s.prefetches for s in self.requests.values())
-        self._run(pick_batch(ready, self.cfg.prefill_max_tokens))
+        self._batch = pick_batch(ready, self.cfg.prefill_max_tokens)
+        self._run(self._batch)
+        self._batch = []
         return True
+
+    def on_step_error(self, exc: Exception) -> None:
+        batch, self._batch = self._batch, []
+        for state in batch:
+            if state.request_id in self.requests:
+                self._fail(state, pb.INTERNAL, f"prefill: step failed: {type(exc).__name__}: {exc}")
 
     def _run(self, batch: list[PrefillState]) -> None:
         t0 = time.perf_counter()
@@ -177,6 +191,9 @@ class PrefillProc(ServiceProc):
             token, reason = finished[state.request_id]
             error = result.failed.get(state.request_id)
             if reason is None and error is None:
+                # Until the hand-off is delivered the request is still ours: a decode found dead
+                # meanwhile fails it here (the gateway migrates it) instead of after a whole TTL.
+                self.handed_off[state.request_id] = (state, time.monotonic() + self.cfg.send_timeout_s + 1)
                 self.send(state.req.decode_inbox, pb.KvReady(
                     request_id=state.request_id, num_prompt_tokens=state.num_tokens, first_token_id=token,
                     rope_delta=int(delta), sampling=state.req.sampling, reply_to=state.req.reply_to,
@@ -246,11 +263,23 @@ class PrefillProc(ServiceProc):
             self.staging.free(pf.staging_offset)
         state.prefetches.clear()
 
-    def _fail(self, state: PrefillState, code: int, message: str, notify_decode: bool = True) -> None:
+    def _fail(self, state: PrefillState, code: int, message: str, notify_decode: bool = True, peer: str = "") -> None:
         self._drop(state)
-        self.fail(state.req.reply_to, state.request_id, code, message)
-        if notify_decode:
+        self.fail(state.req.reply_to, state.request_id, code, message, peer=peer)
+        if notify_decode and peer not in (state.req.decode_instance, state.req.decode_inbox):
             self.send(state.req.decode_inbox, pb.AbortRequest(request_id=state.request_id, reason=message))
+
+    def has_request(self, request_id: str) -> bool:
+        return request_id in self.requests or request_id in self.handed_off
+
+    def drop_request(self, request_id: str, code: int, reason: str, peer: str = "") -> None:
+        state = self.requests.get(request_id)
+        if state is not None:
+            self._fail(state, code, reason, peer=peer)
+            return
+        handed, _ = self.handed_off.pop(request_id, (None, 0.0))
+        if handed is not None:  # its first token went out; the gateway migrates it elsewhere
+            self.fail(handed.req.reply_to, request_id, code, reason, peer=peer)
 
     def fail_all(self, reason: str) -> None:
         for state in list(self.requests.values()):

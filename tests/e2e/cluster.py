@@ -21,9 +21,22 @@ class Cluster:
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     logs: dict[str, Path] = field(default_factory=dict)
     tap: Path | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    tmp: Path | None = None
 
     def log(self, name: str) -> str:
         return self.logs[name].read_text(errors="replace")
+
+    def spawn(self, name: str, extra_env: dict[str, str] | None = None) -> subprocess.Popen:
+        """Start (or start again) process ``name`` (``<role>-<i>``; its log is appended to)."""
+        role = name.rsplit("-", 1)[0]
+        log = self.logs.setdefault(name, self.tmp / f"{name}.log")
+        self.procs[name] = subprocess.Popen(
+            [sys.executable, "-m", f"services.{role}"], cwd=ROOT,
+            env={**self.env, "EPD_INSTANCE_ID": name, **(extra_env or {})}, stdout=open(log, "ab"),
+            stderr=subprocess.STDOUT,
+        )
+        return self.procs[name]
 
     def stop(self, timeout: float = 20) -> dict[str, int]:
         """SIGTERM every process; returns exit codes (kills stragglers)."""
@@ -55,17 +68,11 @@ def start_cluster(
         "EPD_FEATURE_POOL_MB": "64", "EPD_PREFILL_BUFFER_MB": "64", "PYTHONUNBUFFERED": "1",
         **(extra_env or {}),
     }
-    cluster = Cluster(url=f"http://127.0.0.1:{port}", tap=tap)
+    cluster = Cluster(url=f"http://127.0.0.1:{port}", tap=tap, env=env, tmp=tmp)
     roles = [("encoder", encoders), ("prefill", prefills), ("decode", decodes), ("gateway", 1)]
     for role, count in roles:
         for i in range(count):
-            name = f"{role}-{i}"
-            log = tmp / f"{name}.log"
-            cluster.logs[name] = log
-            cluster.procs[name] = subprocess.Popen(
-                [sys.executable, "-m", f"services.{role}"], cwd=ROOT,
-                env={**env, "EPD_INSTANCE_ID": name}, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
-            )
+            cluster.spawn(f"{role}-{i}")
     deadline = time.monotonic() + timeout
     want = {"encoder": encoders, "prefill": prefills, "decode": decodes}
     while time.monotonic() < deadline:

@@ -37,7 +37,9 @@ class FakeStages(threading.Thread):
         self.script, self.delay, self.hang = script, delay, hang
         self.ctx = zmq.Context.instance()
         self.inbox = Inbox(self.ctx, "127.0.0.1")
-        self.outbox = Outbox(self.ctx, "fake")
+        # deltas are accepted only from the stages a request was sent to: first token as
+        # the prefill, the rest as the decode
+        self.outbox = {"prefill": Outbox(self.ctx, "fake-p"), "decode": Outbox(self.ctx, "fake-d")}
         self.received: list[tuple[str, object]] = []
         self.aborted: set[str] = set()
         self.registry = Registry(url)
@@ -67,10 +69,11 @@ class FakeStages(threading.Thread):
             if req.request_id in self.aborted or self._halt.is_set():
                 return
             last = i == n - 1
-            self.outbox.send(req.reply_to, pb.TokenDelta(
+            stage = "prefill" if i == 0 else "decode"
+            self.outbox[stage].send(req.reply_to, pb.TokenDelta(
                 request_id=req.request_id, token_ids=[self.script[i]], offset=i, finished=last,
                 finish_reason="length" if last else "", num_prompt_tokens=len(req.prompt_token_ids),
-                stage="prefill" if i == 0 else "decode"))
+                stage=stage))
             if self.delay:
                 time.sleep(self.delay)
             while frames := self.inbox.recv(0):  # notice aborts while streaming
@@ -84,7 +87,8 @@ class FakeStages(threading.Thread):
         self.join(5)
         self.registry.r.flushdb()
         self.inbox.close()
-        self.outbox.close()
+        for out in self.outbox.values():
+            out.close()
 
 
 def _db(redis_url: str, n: int) -> str:
