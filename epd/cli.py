@@ -46,16 +46,6 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-class ClusterSecretConfig(config._Base):
-    """EPD_CLUSTER_SECRET / EPD_CLUSTER_SECRET_FILE alone: all the admin clients need.
-
-    Belongs in epd/config.py (the only module that reads the environment); here until it moves.
-    """
-
-    cluster_secret: str = ""  # see config.CommonConfig
-    cluster_secret_file: Path | None = None
-
-
 def _admin_token() -> bytes | None:
     """The admin token from EPD_CLUSTER_SECRET (or _FILE); ``None`` when neither is set.
 
@@ -64,7 +54,7 @@ def _admin_token() -> bytes | None:
     """
     from epd.wire.auth import admin_token, load_secret
 
-    cfg = config.load(ClusterSecretConfig)
+    cfg = config.load(config.ClusterSecretConfig)
     return admin_token(load_secret(cfg.cluster_secret, cfg.cluster_secret_file))
 
 

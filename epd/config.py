@@ -180,6 +180,13 @@ class LauncherConfig(_Base):
         return v
 
 
+class ClusterSecretConfig(_Base):
+    """EPD_CLUSTER_SECRET / EPD_CLUSTER_SECRET_FILE alone: all the admin clients (``epd stats|drain|health``) need."""
+
+    cluster_secret: str = ""  # see CommonConfig
+    cluster_secret_file: Path | None = None
+
+
 def load(cls: type[_Base], **overrides: object) -> _Base:
     """Build ``cls`` from the environment (``EPD_<FIELD>``), applying ``overrides`` on top.
 

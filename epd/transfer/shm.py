@@ -16,6 +16,11 @@ segment (with a leak warning) when the peer exits. Using ``os.open`` + ``mmap`` 
 ``/dev/shm`` keeps ownership with the creator alone. Linux only; peers must share the
 ``/dev/shm`` and pid namespaces (in containers: the same ipc and pid namespace).
 
+Access: segments are created with mode 0600 (``fchmod`` after ``open``, so the umask cannot
+change it): only processes of the owner's user (and root) can map them, so every peer must run
+as that user, and any process of that user can read and write them. Run a deployment under a
+user of its own.
+
 Mappings are never closed explicitly: ``torch.frombuffer`` does not pin the buffer export,
 so ``mmap.close()`` with a live tensor view would leave it dangling. The mapping goes away
 with the last tensor that references it.
@@ -37,6 +42,7 @@ logger = logging.getLogger(__name__)
 
 SHM_DIR = "/dev/shm"
 SEGMENT_PREFIX = "epd-"
+SEGMENT_MODE = 0o600  # owner read + write only
 _HANDLE_RE = re.compile(r"^shm://(epd-[A-Za-z0-9_.-]+)/(\d+)/(\d+)$")
 _HINT_RE = re.compile(r"[^A-Za-z0-9_.]")
 _counter = itertools.count()
@@ -54,9 +60,10 @@ def _pid_alive(pid: int) -> bool:
 
 def _map(path: str, nbytes: int, create: bool) -> torch.Tensor:
     flags = os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0)
-    fd = os.open(path, flags, 0o600)
+    fd = os.open(path, flags, SEGMENT_MODE)
     try:
         if create:
+            os.fchmod(fd, SEGMENT_MODE)  # exactly owner-only, whatever the umask
             os.ftruncate(fd, nbytes)
         elif os.fstat(fd).st_size < nbytes:
             raise TransferError(f"segment {path} holds {os.fstat(fd).st_size} bytes, handle says {nbytes}")

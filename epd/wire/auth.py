@@ -151,8 +151,9 @@ class Signer:
     def enabled(self) -> bool:
         return self._hmac is not None
 
-    def _mac(self, stamp: bytes, frames: list[bytes]) -> bytes:
-        h = self._hmac.copy()
+    @staticmethod
+    def _mac(keyed: hmac.HMAC, stamp: bytes, frames: list[bytes]) -> bytes:
+        h = keyed.copy()
         h.update(stamp)
         for frame in frames:
             h.update(_TS.pack(len(frame)))
@@ -161,10 +162,11 @@ class Signer:
 
     def sign(self, frames: list[bytes]) -> list[bytes]:
         """``frames`` plus the MAC frame (``frames`` itself, unchanged, when disabled)."""
-        if self._hmac is None:
+        keyed = self._hmac
+        if keyed is None:
             return frames
         stamp = _TS.pack(time.time_ns() // 1_000_000)
-        return [*frames, stamp + self._mac(stamp, frames)]
+        return [*frames, stamp + self._mac(keyed, stamp, frames)]
 
     def verify(self, frames: list[bytes]) -> list[bytes]:
         """``frames`` without the MAC frame (unchanged when disabled).
@@ -173,13 +175,14 @@ class Signer:
             AuthError: no MAC frame or a short one, a MAC that does not match, or a
                 timestamp more than ``window_s`` from this host's clock.
         """
-        if self._hmac is None:
+        keyed = self._hmac
+        if keyed is None:
             return frames
         if len(frames) < 2 or len(frames[-1]) != MAC_FRAME_BYTES:
             raise AuthError("message without a valid MAC frame (is EPD_CLUSTER_SECRET set on the sender?)")
         body, tag = frames[:-1], bytes(frames[-1])
         stamp = tag[: _TS.size]
-        if not hmac.compare_digest(tag[_TS.size :], self._mac(stamp, body)):
+        if not hmac.compare_digest(tag[_TS.size :], self._mac(keyed, stamp, body)):
             raise AuthError("bad MAC: sender uses another EPD_CLUSTER_SECRET, or the message was altered")
         skew_ms = _TS.unpack(stamp)[0] - time.time_ns() // 1_000_000
         if abs(skew_ms) > self._window_ms:

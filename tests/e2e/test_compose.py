@@ -39,7 +39,8 @@ KNOWN = {f"EPD_{name.upper()}" for cls in CONFIGS for name in cls.model_fields}
 
 
 def interpolate(value: typing.Any, env: dict[str, str]) -> typing.Any:
-    """``${VAR}``, ``${VAR:-default}``, ``$$`` → ``$``, as docker compose does (recursively)."""
+    """``${VAR}``, ``${VAR:-default}``, ``${VAR:?error}``, ``$$`` → ``$``, as docker compose does
+    (recursively). Raises ValueError for an unset ``${VAR:?error}``."""
     if isinstance(value, dict):
         return {k: interpolate(v, env) for k, v in value.items()}
     if isinstance(value, list):
@@ -50,10 +51,12 @@ def interpolate(value: typing.Any, env: dict[str, str]) -> typing.Any:
     def sub(m: re.Match) -> str:
         if m.group(0) == "$$":
             return "$"
-        name, default = m.group(1), m.group(3) or ""
-        return env.get(name) or default
+        name, op, arg = m.group(1), m.group(2) or "", m.group(3) or ""
+        if op == ":?" and not env.get(name):
+            raise ValueError(f"{name}: {arg}")
+        return env.get(name) or (arg if op == ":-" else "")
 
-    return re.sub(r"\$\$|\$\{(\w+)(:-([^}]*))?\}", sub, value)
+    return re.sub(r"\$\$|\$\{(\w+)(?:(:-|:\?)([^}]*))?\}", sub, value)
 
 
 def compose_doc() -> dict:
@@ -92,6 +95,8 @@ def test_compose_and_dockerfile_consistent_with_config():
         drain = float(interpolate(svc["environment"]["EPD_DRAIN_TIMEOUT_S"], {}))
         assert stop > drain, "compose would SIGKILL before the drain timeout"
     assert services["gateway"]["ports"] == ["${GATEWAY_PUBLISH_PORT:-8000}:8000"]
+    with pytest.raises(ValueError, match="EPD_CLUSTER_SECRET"):
+        interpolate(doc, {})  # bound beyond loopback: compose refuses to start without the cluster secret
     docker = DOCKERFILE.read_text()
     pin = re.search(r'"torch==([\d.]+)"', (ROOT / "pyproject.toml").read_text()).group(1)
     torch_line = next(line for line in docker.splitlines() if "torch==" in line)
@@ -129,7 +134,8 @@ def test_compose_services_serve_an_image_request(tmp_path, redis_url, tiny_model
     url = redis_url.rsplit("/", 1)[0] + "/8"
     port = free_port()
     overrides = {"EPD_ENCODERS": "2", "EPD_TORCH_THREADS": "1", "EPD_KV_MEMORY_MB": "64",
-                 "EPD_FEATURE_POOL_MB": "64", "EPD_PREFILL_BUFFER_MB": "64"}
+                 "EPD_FEATURE_POOL_MB": "64", "EPD_PREFILL_BUFFER_MB": "64",
+                 "EPD_CLUSTER_SECRET": "compose-test-cluster-secret-0123"}
     specs = local_processes(overrides, url, tiny_model, port)
     assert sorted(n for n, _, _ in specs) == ["decode-0", "encoder-0", "encoder-1", "gateway-0", "prefill-0"]
     base = {k: v for k, v in os.environ.items() if not k.startswith("EPD_")}
@@ -151,7 +157,7 @@ def test_compose_services_serve_an_image_request(tmp_path, redis_url, tiny_model
         time.sleep(0.5)  # gateway registry refresh
         # each backend's compose healthcheck command, with its container's EPD_ADMIN_PORT
         bin_dir = str(Path(sys.executable).parent)
-        for inst in reg.instances():
+        for inst in (i for i in reg.instances() if i.roles[0] in BACKENDS):  # the gateway registers too
             test = interpolate(compose_doc()["services"][inst.roles[0]]["healthcheck"]["test"][1], {})
             env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "EPD_ADMIN_PORT": inst.admin.split(":")[1]}
             done = subprocess.run(["sh", "-c", test], env=env, capture_output=True, text=True, timeout=60)

@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import shutil
 import signal
+import socket
+import stat
+import subprocess
 
 import pytest
 import torch
@@ -275,3 +279,60 @@ def test_context_manager_closes(kind):
     with pytest.raises(TransferError):
         backend.allocate(16)
     assert region.tensor.view(torch.float32).tolist() == [1.5] * 4  # memory outlives close
+
+
+# -- exposure ----------------------------------------------------------------------------------
+def test_shm_segments_are_owner_only():
+    old = os.umask(0)  # the widest umask: the mode must not depend on it
+    try:
+        with create_backend("shm") as backend:
+            region = backend.allocate(64, "mode")
+            mode = os.stat(os.path.join(SHM_DIR, parse_shm(region.handle)[0])).st_mode
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(mode) == 0o600
+
+
+def _own_address() -> str:
+    """A non-loopback address of this host (the one a default route leaves from)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("192.0.2.1", 9))  # TEST-NET-1: routes, sends nothing
+        except OSError:
+            pytest.skip("no non-loopback IPv4 route on this host")
+        address = s.getsockname()[0]
+    if address.startswith("127."):
+        pytest.skip("no non-loopback IPv4 address on this host")
+    return address
+
+
+def _connects(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(2)
+        return s.connect_ex((host, port)) == 0
+
+
+def test_mooncake_listens_only_on_loopback_for_a_loopback_host():
+    """The library binds 0.0.0.0 / [::] whatever host it is given; the backend confines both of
+    its listeners to the loopback interface (SO_BINDTODEVICE lo). Checked by connecting through a
+    non-loopback address of this host, which reaches a plain 0.0.0.0 listener but not the engine."""
+    other = _own_address()
+    with create_backend("mooncake", host="127.0.0.1") as backend, socket.create_server(("0.0.0.0", 0)) as control:
+        rpc_port = int(backend.endpoint.rsplit(":", 1)[1])
+        assert backend.listen_device == "lo"
+        assert rpc_port in backend.listen_ports and len(backend.listen_ports) == 2  # handshake + data port
+        assert _connects(other, control.getsockname()[1])  # the address is reachable ...
+        for port in backend.listen_ports:
+            assert _connects("127.0.0.1", port)
+            assert not _connects(other, port), f"engine port {port} accepts connections on {other}"
+
+
+def test_mooncake_ss_shows_the_device_binding():
+    """The kernel's own view of the listeners: ``0.0.0.0%lo:PORT`` and ``*%lo:PORT``."""
+    if shutil.which("ss") is None:
+        pytest.skip("`ss` (iproute2) is not installed: cannot read the listeners' interface binding")
+    with create_backend("mooncake", host="127.0.0.1") as backend:
+        listening = subprocess.run(["ss", "-Hltn"], capture_output=True, text=True, check=True).stdout
+        mine = sorted(row.split()[3] for row in listening.splitlines()
+                      if int(row.split()[3].rsplit(":", 1)[1]) in backend.listen_ports)
+    assert len(mine) == 2 and all("%lo:" in local for local in mine), mine
