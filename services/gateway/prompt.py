@@ -91,6 +91,9 @@ class PromptBuilder:
         heads = int(text_cfg["num_attention_heads"])
         self.num_kv_heads = int(text_cfg.get("num_key_value_heads", heads))
         self.head_dim = int(text_cfg.get("head_dim") or self.hidden_size // heads)
+        # Every token decodes to at most this many characters (byte-level BPE: one character per
+        # byte of its piece), so a text longer than max_model_len x this cannot fit the context.
+        self.max_token_chars = max(len(piece) for piece in self.tokenizer.get_vocab())
 
     def kv_bytes_per_token(self, dtype: str) -> int:
         """Bytes of K and V of one token over every layer (``[layers, 2, kv_heads, head_dim]``)."""
@@ -100,12 +103,29 @@ class PromptBuilder:
         """Bytes of one image's features ``[num_tokens, hidden]``."""
         return num_tokens * self.hidden_size * _DTYPE_BYTES[dtype]
 
+    def check_text_length(self, chars: int, param: str) -> None:
+        """Reject, before tokenizing, a text of ``chars`` characters that cannot fit the context.
+
+        A bound, not a count: it only rejects texts that need more than ``max_model_len`` tokens
+        whatever their content, so a body at EPD_MAX_BODY_MB is refused in milliseconds instead
+        of being tokenized for minutes.
+
+        Raises:
+            ApiError: 400 naming ``param``.
+        """
+        if self.max_model_len and chars > self.max_model_len * self.max_token_chars:
+            raise ApiError(400, f"This model's maximum context length is {self.max_model_len} tokens; a prompt of "
+                                f"{chars} characters needs more (at most {self.max_token_chars} characters per token).",
+                           param=param)
+
     def build(self, messages: list[ChatMessage], images: list[ImageInput]) -> Prompt:
         """Apply the chat template and expand placeholders; ``images`` in :func:`image_urls` order.
 
         Raises:
             ApiError: 400 when an image's size is unusable (aspect ratio over 200).
         """
+        self.check_text_length(sum(len(msg.content) if isinstance(msg.content, str) else
+                                   sum(len(p.text or "") for p in msg.content or []) for msg in messages), "messages")
         hf_messages = []
         for msg in messages:
             if msg.content is None or isinstance(msg.content, str):
@@ -125,6 +145,7 @@ class PromptBuilder:
             ApiError: 400 for an empty prompt, an id outside the vocabulary or an image placeholder id.
         """
         if isinstance(prompt, str):
+            self.check_text_length(len(prompt), "prompt")
             ids = self.tokenizer(prompt)["input_ids"]
         else:
             bad = [t for t in prompt if not 0 <= t < self.vocab_size or t in self.special_media_ids]

@@ -32,9 +32,12 @@ class FakeStages(threading.Thread):
     """Prefill and decode at one inbox: streams ``script`` (one token per delta, ``delay`` apart)."""
 
     def __init__(self, url: str, script: list[int], delay: float = 0.0, hang: bool = False,
-                 free_blocks: int = 1000) -> None:
+                 free_blocks: int = 1000, fail_after: int | None = None, fail_code: int = pb.UNAVAILABLE) -> None:
         super().__init__(daemon=True)
         self.script, self.delay, self.hang = script, delay, hang
+        # first attempt of every request: after `fail_after` tokens, fail it with `fail_code`
+        self.fail_after, self.fail_code = fail_after, fail_code
+        self.first_len: dict[str, int] = {}  # client request id -> prompt length of its first attempt
         self.ctx = zmq.Context.instance()
         self.inbox = Inbox(self.ctx, "127.0.0.1")
         # deltas are accepted only from the stages a request was sent to: first token as
@@ -64,14 +67,20 @@ class FakeStages(threading.Thread):
                 self._answer(msg)
 
     def _answer(self, req: pb.PrefillRequest) -> None:
-        n = min(len(self.script), req.sampling.max_tokens)
+        base = req.request_id.split("-r")[0].split("-m")[0]
+        skip = len(req.prompt_token_ids) - self.first_len.setdefault(base, len(req.prompt_token_ids))
+        n = min(len(self.script) - skip, req.sampling.max_tokens)
         for i in range(n):
             if req.request_id in self.aborted or self._halt.is_set():
+                return
+            if self.fail_after is not None and req.request_id == base and i == self.fail_after:
+                self.outbox["decode"].send(req.reply_to, pb.RequestFailed(
+                    request_id=req.request_id, code=self.fail_code, message="scripted failure", stage="decode"))
                 return
             last = i == n - 1
             stage = "prefill" if i == 0 else "decode"
             self.outbox[stage].send(req.reply_to, pb.TokenDelta(
-                request_id=req.request_id, token_ids=[self.script[i]], offset=i, finished=last,
+                request_id=req.request_id, token_ids=[self.script[skip + i]], offset=i, finished=last,
                 finish_reason="length" if last else "", num_prompt_tokens=len(req.prompt_token_ids),
                 stage=stage))
             if self.delay:
@@ -186,17 +195,19 @@ def test_timeout_504_and_disconnect_abort(redis_url, tiny_model, script):
                     break
                 await asyncio.sleep(0.02)
             ok = await c.post("/v1/chat/completions", json=_chat(max_tokens=3))
-            return timeout, rid, ok.status
+            metrics = await (await c.get("/metrics")).text()
+            return timeout, rid, ok.status, metrics
         finally:
             await c.close()
 
     try:
-        timeout, rid, ok_status = asyncio.run(run())
+        timeout, rid, ok_status, metrics = asyncio.run(run())
     finally:
         fake.stop()
     _assert_error(*timeout, 504, "timeout")
     assert rid in fake.aborted
     assert ok_status == 200
+    assert 'epd_requests_finished_total{finish_reason="abort"} 1.0' in metrics  # the client that went away
 
 
 def test_auth_body_limit_and_unavailable(redis_url, tiny_model, script):
@@ -245,3 +256,89 @@ def test_auth_body_limit_and_unavailable(redis_url, tiny_model, script):
     assert out["saturated"][2] == "1"
     _assert_error(*out["too_large"], 413)
     assert out["ok"] == 200
+
+
+@pytest.mark.parametrize("fail_after", [0, 5])
+def test_unavailable_stage_is_retried_or_migrated(redis_url, tiny_model, script, fail_after):
+    """UNAVAILABLE before the first token: the request is retried; after 5 tokens: migrated
+    (prompt + 5 tokens re-prefilled, the budget reduced). The client sees the whole script once."""
+    url = _db(redis_url, 6)
+    fake = FakeStages(url, script, fail_after=fail_after, delay=0.02)  # tokens reach the gateway in order
+
+    async def run():
+        c = await _client(_cfg(url, tiny_model))
+        try:
+            r = await c.post("/v1/chat/completions", json=_chat(stream=True, return_token_ids=True))
+            raw = (await r.read()).decode()
+            metrics = await (await c.get("/metrics")).text()
+            return raw, metrics
+        finally:
+            await c.close()
+
+    try:
+        raw, metrics = asyncio.run(run())
+    finally:
+        fake.stop()
+    chunks = [json.loads(e[len("data: "):]) for e in raw.split("\n\n") if e and e != "data: [DONE]"]
+    assert all("error" not in c for c in chunks), chunks
+    ids = [t for c in chunks if c["choices"] for t in c["choices"][0].get("token_ids") or []]
+    assert ids == script[:64]
+    kind = "retry" if fail_after == 0 else "migration"
+    assert f'epd_request_recoveries_total{{kind="{kind}"}} 1.0' in metrics
+    prompts = [m for f, m in fake.received if f == "prefill_request"]
+    assert len(prompts) == 2 and prompts[1].request_id.endswith("-r1" if fail_after == 0 else "-m1")
+    assert list(prompts[1].prompt_token_ids) == list(prompts[0].prompt_token_ids) + script[:fail_after]
+    assert prompts[1].sampling.max_tokens == 64 - fail_after
+    assert prompts[0].request_id in fake.aborted  # the replaced attempt was aborted in its stages
+
+
+def test_unrecoverable_failure_mid_stream_is_an_error_event_and_counted(redis_url, tiny_model, script):
+    url = _db(redis_url, 7)
+    fake = FakeStages(url, script, fail_after=3, fail_code=pb.INTERNAL)
+
+    async def run():
+        c = await _client(_cfg(url, tiny_model))
+        try:
+            raw = (await (await c.post("/v1/chat/completions", json=_chat(stream=True))).read()).decode()
+            return raw, await (await c.get("/metrics")).text()
+        finally:
+            await c.close()
+
+    try:
+        raw, metrics = asyncio.run(run())
+    finally:
+        fake.stop()
+    events = [e[len("data: "):] for e in raw.split("\n\n") if e]
+    assert events[-1] == "[DONE]"
+    error = json.loads(events[-2])["error"]
+    assert error["type"] == "internal_error" and "scripted failure" in error["message"]
+    assert 'epd_request_errors_total{status="500"} 1.0' in metrics  # counted though the stream had started
+    assert 'epd_requests_finished_total{finish_reason="error"} 1.0' in metrics
+
+
+def test_oversized_text_is_rejected_before_tokenizing(redis_url, tiny_model, script):
+    """A 60 MB prompt (under EPD_MAX_BODY_MB=64) is refused from its length alone."""
+    import time
+
+    url = _db(redis_url, 8)
+    text = "lorem ipsum " * (5 << 20)  # 60 MiB
+
+    async def run():
+        c = await _client(_cfg(url, tiny_model))
+        try:
+            out = {}
+            for path, body in (("/v1/chat/completions", _chat(text)),
+                               ("/v1/completions", {"prompt": text, "max_tokens": 4})):
+                t0 = time.perf_counter()
+                r = await c.post(path, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+                out[path] = (r.status, await r.json(), time.perf_counter() - t0)
+            return out
+        finally:
+            await c.close()
+
+    out = asyncio.run(run())
+    for path, param in (("/v1/chat/completions", "messages"), ("/v1/completions", "prompt")):
+        status, body, elapsed = out[path]
+        _assert_error(status, body, 400, "invalid_request_error")
+        assert body["error"]["param"] == param and "maximum context length" in body["error"]["message"]
+        assert elapsed < 20  # tokenizing it took minutes; the bound itself is measured in benchmarks/faults.py
