@@ -9,7 +9,7 @@ Lifecycle of every backend instance (encoder, prefill, decode)::
          at least EPD_DRAIN_GRACE_S and until nothing is in flight, or fail what is left
          after EPD_DRAIN_TIMEOUT_S ─▶ close sockets, free the registered memory, exit 0
 
-One process may host several roles (``EPD_ROLES``, DESIGN.md §4): :class:`ProcessHost`
+One process may host several roles (``EPD_ROLES``, DESIGN.md §4): :class:`epd.process_host.ProcessHost`
 runs each role's loop in its own thread (own inbox, queue, registry entry: logical
 isolation); signals are handled in the main thread, which drains every role. A second
 SIGTERM/SIGINT stops at once. The role-specific logic lives in the service's ``core`` (no
@@ -22,7 +22,6 @@ from __future__ import annotations
 import logging
 import os
 import queue
-import signal
 import socket
 import sys
 import threading
@@ -36,9 +35,9 @@ import zmq
 from epd import device
 from epd.config import CommonConfig, ConfigError
 from epd.registry.peers import PeerRef, PeerWatch
-from epd.registry.registry import Heartbeat, InstanceInfo, Registry, RegistryError
+from epd.registry.registry import Heartbeat, InstanceInfo, Registry, RegistryError, redact_url
 from epd.transfer import create_backend
-from epd.wire.auth import Signer, check_exposure, derive_key, load_secret
+from epd.wire.auth import Signer, check_exposure, load_secret
 from epd.wire.codec import Dispatcher, WireError, unpack
 from epd.wire.gen import epd_pb2 as pb
 from epd.wire.sockets import Inbox, Outbox, WireTap
@@ -89,7 +88,7 @@ def connect_registry(url: str, retry_s: float, secret: bytes | None = None) -> R
                 raise ConfigError(
                     f"EPD_REDIS_URL: {exc} (gave up after {retry_s:g} s, EPD_REDIS_RETRY_S)"
                 ) from None
-            logger.warning("Redis at %s not reachable yet; retrying", url)
+            logger.warning("Redis at %s not reachable yet; retrying", redact_url(url))
             time.sleep(min(0.5, max(0.0, deadline - time.monotonic())) or 0.05)
 
 
@@ -409,93 +408,6 @@ class ServiceProc:
 
     def serve(self) -> int:
         """Run this one role as a whole process (admin server, signals); returns the exit code."""
+        from epd.process_host import ProcessHost
+
         return ProcessHost([self]).run()
-
-
-class ProcessHost:
-    """One process hosting one or more roles: a loop thread per :class:`ServiceProc`, the
-    admin/health gRPC server, signals and the parent-death watch in the main thread.
-
-    Args:
-        procs: constructed (not yet started) procs; their configs share host and admin port.
-
-    ``run()`` returns 0 when every role stopped cleanly, 1 when a loop crashed.
-    """
-
-    watch_period_s = 0.2
-
-    def __init__(self, procs: list[ServiceProc]) -> None:
-        if not procs:
-            raise ValueError("no role to host")
-        self.procs = procs
-        self.config = procs[0].config
-        self.crashed = False
-        self._signals = 0
-        self._first_signal = 0.0
-
-    def _on_signal(self, signum, _frame) -> None:
-        now = time.monotonic()
-        if self._signals and now - self._first_signal < 1.0:
-            return  # the same stop delivered twice (e.g. to the process and its group)
-        self._signals += 1
-        if self._signals == 1:
-            self._first_signal = now
-            logger.info("signal %d: draining %s (EPD_DRAIN_TIMEOUT_S=%g)", signum,
-                        ", ".join(p.instance_id for p in self.procs), self.config.drain_timeout_s)
-            for p in self.procs:
-                p.request_drain()
-        else:
-            logger.warning("signal %d again: stopping now", signum)
-            for p in self.procs:
-                p.request_stop()
-
-    def _run_proc(self, proc: ServiceProc) -> None:
-        try:
-            proc.run_loop()
-        except Exception:
-            logger.exception("%s: loop crashed; stopping the process", proc.instance_id)
-            self.crashed = True
-            for p in self.procs:
-                p.request_stop()
-
-    def run(self) -> int:
-        from epd.admin import AdminServer  # grpc only where a process is actually hosted
-
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, self._on_signal)
-            signal.signal(signal.SIGINT, self._on_signal)
-        admin = None
-        threads: list[threading.Thread] = []
-        try:
-            secret = self.procs[0].secret
-            admin = AdminServer(self.procs, self.config.host, self.config.admin_port, self.procs[0].advertise,
-                                token=derive_key(secret, "admin") if secret else None)
-            admin.start()
-            for proc in self.procs:
-                proc.state_listeners.append(admin.sync_health)
-            for proc in self.procs:
-                proc.start(admin=admin.address)
-            admin.sync_health()
-            for proc in self.procs:
-                t = threading.Thread(target=self._run_proc, args=(proc,), name=f"loop-{proc.role}")
-                t.start()
-                threads.append(t)
-            parent = os.getppid()
-            while any(t.is_alive() for t in threads):
-                time.sleep(self.watch_period_s)
-                if parent != 1 and os.getppid() != parent and self._signals == 0:
-                    # launcher died: do not linger holding memory
-                    logger.error("parent process exited; draining")
-                    self._signals, self._first_signal = 1, time.monotonic()
-                    for p in self.procs:
-                        p.request_drain()
-        finally:
-            for p in self.procs:
-                p.request_stop()
-            for t in threads:
-                t.join()
-            for p in self.procs:
-                p.shutdown()  # no-op when the loop already shut it down
-            if admin is not None:
-                admin.stop()
-        return 1 if self.crashed else 0

@@ -18,7 +18,8 @@ import os
 import socket
 
 from epd import config
-from epd.service import ProcessHost, connect_registry, setup_logging
+from epd.process_host import ProcessHost
+from epd.service import connect_registry, setup_logging
 from epd.topology import letters, parse_roles
 
 logger = logging.getLogger(__name__)

@@ -13,8 +13,8 @@ The cached route reuses the encoder → prefill contract: each image whose ``mm_
 live in Redis goes to its holder (not to the least-loaded encoder); the holder finds it in
 its pool, leases it (so it cannot be evicted while prefill reads it) and sends prefill the
 ``FeaturesReady`` at once, without encoding. If the entry was evicted in the meantime, the
-holder has the image bytes and encodes it again; if the holder died, the request fails with
-503 (the registry stops listing it within one TTL).
+holder has the image bytes and encodes it again; if the holder died, the request is retried
+(:mod:`services.gateway.attempts`).
 """
 
 from __future__ import annotations
@@ -114,7 +114,6 @@ class Gateway:
         self.attempts: dict[str, Admitted] = {}  # in flight, by attempt id
         self.heartbeat: Heartbeat | None = None
         self._refresher: asyncio.Task | None = None
-        self._background: set[asyncio.Task] = set()
 
     async def start(self) -> None:
         await self.refresh()
@@ -135,8 +134,6 @@ class Gateway:
             self._refresher.cancel()
         if self.heartbeat is not None:
             await asyncio.get_running_loop().run_in_executor(None, self.heartbeat.stop)
-        if self._background:
-            await asyncio.wait(self._background, timeout=2)
         await self.media.close()
         await self.client.close()
 
@@ -163,12 +160,6 @@ class Gateway:
             if os.getppid() != parent:  # launcher died: shut down instead of lingering
                 logger.error("parent process exited, shutting down")
                 os.kill(os.getpid(), signal.SIGTERM)
-
-    def background(self, coro) -> None:
-        """Run ``coro`` to completion even if the calling handler is cancelled."""
-        task = asyncio.get_running_loop().create_task(coro)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
 
     # -- admission -----------------------------------------------------------------------
     def parse(self, raw: bytes, schema: type[BaseModel]):

@@ -2,7 +2,7 @@
 SIGTERM drains an instance without losing its in-flight request.
 
 One module-scoped deployment per topology (this is a 2-core machine): each is the real
-launcher (honcho) with a real Redis, the tiny model and the Mooncake transfer engine.
+launcher (its supervisor) with a real Redis, the tiny model and the Mooncake transfer engine.
 Prints one streaming request's TTFT (time to the first SSE chunk) per topology.
 """
 
@@ -167,11 +167,12 @@ def test_topology_processes_and_admin(deployment):
 
 
 def test_drain_finishes_inflight_and_routes_new_work_elsewhere(tmp_path, redis_url, tiny_model, photo):
-    """SIGTERM to the decode serving a long request: it deregisters at once, the request still
-    completes, a request sent meanwhile goes to the other decode, and the drained one exits 0.
+    """SIGTERM to the decode serving a long request: it is published as draining at once (still
+    alive, so nobody fails its requests, but never chosen), the request still completes, a
+    request sent meanwhile goes to the other decode, and the drained one exits 0.
 
-    Runs the processes directly (tests/e2e/cluster.py), not under ``epd up``: honcho stops the
-    whole deployment as soon as one process exits."""
+    Runs the processes directly (tests/e2e/cluster.py), not under ``epd up``, whose supervisor
+    would start the drained process again."""
     url = redis_url.rsplit("/", 1)[0] + "/7"
     cluster = start_cluster(tmp_path, url, tiny_model, decodes=2, extra_env={"EPD_DRAIN_TIMEOUT_S": "120"})
     reg = Registry(url)
@@ -195,7 +196,7 @@ def test_drain_finishes_inflight_and_routes_new_work_elsewhere(tmp_path, redis_u
         assert victim is not None, "the long request never reached a decode instance"
         [other] = [i for i in reg.instances("decode") if i.instance_id != victim.instance_id]
         cluster.procs[victim.instance_id].send_signal(signal.SIGTERM)
-        while any(i.instance_id == victim.instance_id for i in reg.instances("decode")):
+        while not any(i.instance_id == victim.instance_id and i.draining for i in reg.instances("decode")):
             time.sleep(0.02)
         time.sleep(0.6)  # the gateway's registry view refreshes every 0.2 s
         before = cluster.tap.read_text().count(f"{other.instance_id} token_delta")
