@@ -77,6 +77,7 @@ class Admitted:
     deps: dict[str, str] = field(default_factory=dict)
     feature_bytes: int = 0
     started: bool = False  # its first token arrived (encoder and prefill charges released)
+    decoding: bool = False  # a token came from its decode: only the decode still matters
 
 
 class StageUnreachable(RuntimeError):
@@ -112,6 +113,7 @@ class Gateway:
                                    signer=Signer(secret), send_timeout_s=cfg.send_timeout_s,
                                    queue_max=cfg.send_queue_max)
         self.attempts: dict[str, Admitted] = {}  # in flight, by attempt id
+        self.client.on_accepted = self._on_accepted
         self.heartbeat: Heartbeat | None = None
         self._refresher: asyncio.Task | None = None
 
@@ -312,11 +314,22 @@ class Gateway:
             prefill_inbox=plan.prefill.inbox, reply_to=self.client.address,
         ), blobs)
 
+    def _on_accepted(self, rid: str, field_name: str, sender: str) -> None:
+        adm = self.attempts.get(rid)
+        if adm is None or adm.decoding:
+            return
+        if field_name == "token_delta" and sender == adm.plan.decode.instance_id:
+            adm.decoding = True  # the KV reached decode: encoder and prefill can go without harm
+            adm.deps = {i: inc for i, inc in adm.deps.items() if i == sender}
+
     def mark_started(self, adm: Admitted) -> None:
-        """The attempt's first token arrived: encoder and prefill are done with it."""
+        """The attempt's first token arrived: encoders are done with it (prefill still has to
+        hand the KV to decode), and their charges and prefill's are released."""
         if adm.started:
             return
         adm.started = True
+        adm.deps = {i: inc for i, inc in adm.deps.items()
+                    if i in (adm.plan.prefill.instance_id, adm.plan.decode.instance_id)}
         self.router.release(adm.plan, ("encoder", "prefill"))
         asyncio.get_running_loop().call_later(BLOCKS_GRACE_S, self.router.release_blocks, adm.plan)
 

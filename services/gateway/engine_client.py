@@ -59,6 +59,7 @@ class EngineClient:
                              tap=tap, signer=signer, queue_max=queue_max)
         self.streams: dict[str, _Stream] = {}
         self.rejected = 0
+        self.on_accepted = None  # optional (request id, payload field, sender) hook, on the event loop
         self._reader: asyncio.Task | None = None
 
     def start(self) -> None:
@@ -88,6 +89,8 @@ class EngineClient:
                                env.request_id, field_name, env.sender)
                 continue
             stream.queue.put_nowait((field_name, payload, received_at, env.sender))
+            if self.on_accepted is not None:
+                self.on_accepted(env.request_id, field_name, env.sender)
 
     def open(self, request_id: str, token_senders: set[str], fail_senders: set[str]) -> asyncio.Queue:
         """Register an attempt before anything is sent for it; its accepted TokenDelta /
