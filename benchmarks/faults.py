@@ -109,6 +109,8 @@ def kill_before_first_token(dep: Deployment, role: str, image) -> dict:
     os.kill(pid, signal.SIGKILL)
     out = req.result(180)
     retried = "retry" in _lines(dep, out.rid)
+    # the supervisor restarts it: wait for the new process, so the next scenario starts whole
+    wait_for(lambda: (i := instance(dep.registry, victim)) and i.pid != pid, 120, what=f"{victim} restarted")
     return {"status": out.status, "error": (out.error or {}).get("type"), "seconds": round(out.t_end - t_kill, 2),
             "retried": retried, "outcome": "served" if out.status == 200 else f"error {out.status}"}
 
@@ -130,6 +132,7 @@ def kill_decode_midstream(dep: Deployment, n: int = 120) -> dict:
     t_kill = time.monotonic()
     os.kill(pid, signal.SIGKILL)
     out = req.result(180)
+    wait_for(lambda: (i := instance(dep.registry, victim)) and i.pid != pid, 120, what=f"{victim} restarted")
     after = [t for t in out.chunk_times if t > t_kill]
     return {"status": out.status, "error": (out.error or {}).get("type"), "tokens": len(out.token_ids),
             "token_exact": out.token_ids == reference, "migrated": "migration as" in _lines(dep, out.rid),
@@ -290,7 +293,6 @@ def main() -> None:
         try:
             for k, role in enumerate(("encoder", "prefill", "decode")):
                 rows[f"kill9-{role}-1x"] = kill_before_first_token(dep, role, photo(40 + k))
-                wait_for(lambda: gateway_ready(dep.url, dep.want), 120, what="the restarted instance")
         finally:
             dep.stop()
     print(f"\nheartbeat TTL {args.ttl:g} s (target: a clean outcome within 2 x TTL = {2 * args.ttl:g} s)")
