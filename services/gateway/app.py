@@ -81,11 +81,11 @@ class Admitted:
 
 
 class StageUnreachable(RuntimeError):
-    """A message to one stage of a plan was not delivered."""
+    """A message to one stage (``instance_id`` in its life ``incarnation``) of a plan was not delivered."""
 
-    def __init__(self, instance_id: str, why: str) -> None:
+    def __init__(self, instance_id: str, incarnation: str, why: str) -> None:
         super().__init__(f"stage {instance_id} unreachable: {why}")
-        self.instance_id = instance_id
+        self.instance_id, self.incarnation = instance_id, incarnation
 
 
 class Gateway:
@@ -247,6 +247,7 @@ class Gateway:
             plan = self.router.plan(len(prompt.token_ids), max_tokens, patches, set(cached))
         except NoInstance as exc:
             status = 429 if exc.saturated else 503
+            logger.warning("request %s: %d: %s", rid, status, exc)
             raise ApiError(status, str(exc), type_="service_unavailable" if status == 503 else "rate_limit_error",
                            headers={"Retry-After": "1"}) from None
         adm = Admitted(rid, plan, prompt, max_tokens, t_arrival)
@@ -284,7 +285,7 @@ class Gateway:
             self.end_attempt(adm, "gateway could not reach a stage")
             iid, exc = failed[0]
             if isinstance(exc, PeerUnavailable):
-                raise StageUnreachable(iid, str(exc))
+                raise StageUnreachable(iid, adm.deps.get(iid, ""), str(exc))
             raise exc
         self.metrics.ingress.observe(time.perf_counter() - t_arrival)
         m = self.metrics
@@ -321,6 +322,12 @@ class Gateway:
         if field_name == "token_delta" and sender == adm.plan.decode.instance_id:
             adm.decoding = True  # the KV reached decode: encoder and prefill can go without harm
             adm.deps = {i: inc for i, inc in adm.deps.items() if i == sender}
+
+    def suspect(self, instance_id: str, incarnation: str) -> None:
+        """Keep the router off that life of ``instance_id`` for two TTLs (a dead one has left
+        the registry by then; a wrongly suspected one is chosen again)."""
+        if self.router.suspect(instance_id, incarnation, 2 * self.cfg.instance_ttl_s):
+            logger.warning("instance %s (incarnation %s) suspected unreachable", instance_id, incarnation)
 
     def mark_started(self, adm: Admitted) -> None:
         """The attempt's first token arrived: encoders are done with it (prefill still has to

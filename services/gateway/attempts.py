@@ -73,8 +73,10 @@ class RequestRun:
                 self.attempt = await self.gw.submit(rid, sampling, prompt, max_tokens, self.t_arrival)
                 return self.attempt.queue
             except StageUnreachable as exc:
-                self.gw.router.suspect(exc.instance_id)
+                self.gw.suspect(exc.instance_id, exc.incarnation)
                 if self.retries >= self.gw.cfg.retry_max:
+                    logger.warning("request %s: %s; not retried (EPD_RETRY_MAX=%d used)", self.rid, exc,
+                                   self.gw.cfg.retry_max)
                     raise ApiError(503, str(exc), type_="service_unavailable", headers={"Retry-After": "1"}) from None
                 self.retries += 1
                 self.gw.metrics.recoveries.labels("retry").inc()
@@ -103,12 +105,16 @@ class RequestRun:
         self._suspect(peer)
         if emitted:
             if self.migrations >= gw.cfg.migration_max:
+                logger.warning("request %s: %s after %d token(s); not migrated (EPD_MIGRATION_MAX=%d used)",
+                               self.rid, message, len(emitted), gw.cfg.migration_max)
                 return None
             self.migrations += 1
             kind, prompt = "migration", Prompt(self.prompt.token_ids + list(emitted), self.prompt.images)
             rid = self._next_id("m")
         else:
             if self.retries >= gw.cfg.retry_max:
+                logger.warning("request %s: %s; not retried (EPD_RETRY_MAX=%d used)", self.rid, message,
+                               gw.cfg.retry_max)
                 return None
             self.retries += 1
             kind, prompt, rid = "retry", self.prompt, self._next_id("r")
@@ -122,12 +128,16 @@ class RequestRun:
             return None
 
     def _suspect(self, peer: str) -> None:
-        if not peer:
+        """Suspect the life of ``peer`` (id or inbox address) this attempt was sent to — never a
+        later one: a stage found gone because it restarted leaves its new life usable."""
+        if not peer or self.attempt is None:
             return
-        router = self.gw.router
-        if peer not in router.by_id:  # an inbox address
-            peer = next((i for i, info in router.by_id.items() if info.inbox == peer), peer)
-        router.suspect(peer)
+        plan = self.attempt.plan
+        if peer not in self.attempt.deps:  # an inbox address
+            by_inbox = {plan.prefill.inbox: plan.prefill.instance_id, plan.decode.inbox: plan.decode.instance_id}
+            peer = by_inbox.get(peer, peer)
+        if peer in self.attempt.deps:
+            self.gw.suspect(peer, self.attempt.deps[peer])
 
     def started(self) -> None:
         """A token of the current attempt arrived (its encoder and prefill are done)."""

@@ -22,13 +22,16 @@ then); decode's request charge at the end. The KV-block charge covers the gap un
 own heartbeat shows the reservation, so it is released a grace period after the first token.
 Instances whose heartbeat expired are absent from the view, hence never chosen; so are
 draining ones (alive, finishing their requests) and *suspects*: an incarnation a stage or a
-send reported unreachable is not chosen again until the registry shows it under a new
-incarnation or drops it, so a retry does not land on the instance that just failed.
+send reported unreachable is not chosen for a while (about two TTLs, by then the registry has
+dropped a dead one), so a retry does not land on the instance that just failed. Suspicion is
+of one incarnation: a restarted instance is usable at once, and a wrongly suspected one again
+after the while.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -86,7 +89,7 @@ class Router:
         self.inflight: dict[str, float] = defaultdict(float)
         self.inflight_blocks: dict[str, int] = defaultdict(int)
         self.by_id: dict[str, InstanceInfo] = {}
-        self.suspects: dict[str, str] = {}  # instance id -> incarnation reported unreachable
+        self.suspects: dict[str, tuple[str, float]] = {}  # id -> (incarnation, monotonic end of suspicion)
 
     def update(self, snapshot: list[InstanceInfo]) -> None:
         """Replace the view with a fresh registry snapshot (live instances only)."""
@@ -97,8 +100,9 @@ class Router:
                     view[role].append(info)
         self.instances = view
         self.by_id = {i.instance_id: i for i in snapshot}
-        self.suspects = {i: inc for i, inc in self.suspects.items()
-                         if i in self.by_id and self.by_id[i].incarnation == inc}
+        now = time.monotonic()
+        self.suspects = {i: (inc, until) for i, (inc, until) in self.suspects.items()
+                         if until > now and i in self.by_id and self.by_id[i].incarnation == inc}
 
     def is_live(self, instance_id: str) -> bool:
         return instance_id in self.by_id
@@ -109,15 +113,19 @@ class Router:
         return info is not None and self._usable(info)
 
     def _usable(self, info: InstanceInfo) -> bool:
-        return not info.draining and self.suspects.get(info.instance_id, None) != info.incarnation
-
-    def suspect(self, instance_id: str) -> bool:
-        """Stop choosing the current incarnation of ``instance_id`` (until it is replaced).
-        Returns False when it is not in the view."""
-        info = self.by_id.get(instance_id)
-        if info is None:
+        if info.draining:
             return False
-        self.suspects[instance_id] = info.incarnation
+        inc, until = self.suspects.get(info.instance_id, ("", 0.0))
+        return inc != info.incarnation or until <= time.monotonic()
+
+    def suspect(self, instance_id: str, incarnation: str, for_s: float) -> bool:
+        """Stop choosing incarnation ``incarnation`` of ``instance_id`` for ``for_s`` seconds.
+        A no-op (False) when the view holds another incarnation (that life is already over)
+        or none."""
+        info = self.by_id.get(instance_id)
+        if info is None or info.incarnation != incarnation:
+            return False
+        self.suspects[instance_id] = (incarnation, time.monotonic() + for_s)
         return True
 
     def _cost(self, info: InstanceInfo, key: str) -> float:

@@ -190,3 +190,30 @@ def test_token_stream_records_receipt_time():
         return s.received_at
 
     assert asyncio.run(run()) == 12.5
+
+
+def test_router_suspicion_is_of_one_incarnation_and_expires(monkeypatch):
+    import services.gateway.router as router_mod
+
+    clock = [100.0]
+    monkeypatch.setattr(router_mod.time, "monotonic", lambda: clock[0])
+    d0, d1 = _inst("d0", "decode", free_blocks=100), _inst("d1", "decode", running=5, free_blocks=100)
+    d0.incarnation, d1.incarnation = "a", "x"
+    r = Router()
+    r.update([_inst("p0", "prefill"), d0, d1])
+    assert r.plan(10, 4, []).decode.instance_id == "d0"
+    assert not r.suspect("d0", "old-life", 10.0)  # a life that is over: nothing to suspect
+    assert r.suspect("d0", "a", 10.0)
+    assert r.plan(10, 4, []).decode.instance_id == "d1" and not r.is_usable("d0") and r.is_live("d0")
+    clock[0] += 11.0  # wrongly suspected: usable again after the while
+    r.update([_inst("p0", "prefill"), d0, d1])
+    assert r.is_usable("d0")
+    assert r.suspect("d0", "a", 10.0)
+    restarted = _inst("d0", "decode", free_blocks=100)
+    restarted.incarnation = "b"  # a new life under the same id is usable at once
+    r.update([_inst("p0", "prefill"), restarted, d1])
+    assert r.is_usable("d0") and r.plan(10, 4, []).decode.instance_id == "d0"
+    draining = _inst("d1", "decode", free_blocks=100)
+    draining.draining = True
+    r.update([_inst("p0", "prefill"), draining])
+    assert r.is_live("d1") and not r.is_usable("d1")
