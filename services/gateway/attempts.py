@@ -5,10 +5,11 @@ current attempt fails with ``UNAVAILABLE`` (a stage it depends on is gone, a mes
 not be delivered, an instance shut down) or the gateway's registry watch finds one of its
 stages gone (``stage_lost``), the request is not lost:
 
-- **retry** — no token has reached the client yet: the attempt is aborted everywhere and the
-  same prompt is planned again (re-encode or cached route, re-prefill) on usable instances,
-  the failed one excluded as a suspect; at most ``EPD_RETRY_MAX`` times (vLLM's disaggregated
-  proxy retries before the first byte; SGLang falls back to re-encoding);
+- **retry** — the current attempt produced no token yet: it is aborted everywhere and planned
+  again (re-encode or cached route, re-prefill) on usable instances, the failed one excluded
+  as a suspect; at most ``EPD_RETRY_MAX`` times (vLLM's disaggregated proxy retries before
+  the first byte; SGLang falls back to re-encoding). A migration that fails before its first
+  token is retried the same way;
 - **migration** — tokens were already produced: a new attempt prefills prompt + tokens so far
   on a live prefill and continues on a live decode with the remaining budget, and its tokens
   are appended at the right offsets, so the client sees one seamless stream (Dynamo's request
@@ -55,6 +56,7 @@ class RequestRun:
         self.retries = 0
         self.migrations = 0
         self._n = 0
+        self._base = 0  # tokens produced before the current attempt
 
     async def start(self) -> asyncio.Queue:
         """Submit the first attempt; returns its message queue.
@@ -103,21 +105,25 @@ class RequestRun:
             return None
         gw = self.gw
         self._suspect(peer)
-        if emitted:
-            if self.migrations >= gw.cfg.migration_max:
-                logger.warning("request %s: %s after %d token(s); not migrated (EPD_MIGRATION_MAX=%d used)",
-                               self.rid, message, len(emitted), gw.cfg.migration_max)
-                return None
-            self.migrations += 1
-            kind, prompt = "migration", Prompt(self.prompt.token_ids + list(emitted), self.prompt.images)
-            rid = self._next_id("m")
-        else:
+        # The current attempt produced nothing yet (the first one, or a migration that failed
+        # before its first token): planning it again is a retry. Otherwise the tokens produced
+        # so far move with the request: a migration.
+        if len(emitted) == self._base:
             if self.retries >= gw.cfg.retry_max:
                 logger.warning("request %s: %s; not retried (EPD_RETRY_MAX=%d used)", self.rid, message,
                                gw.cfg.retry_max)
                 return None
             self.retries += 1
-            kind, prompt, rid = "retry", self.prompt, self._next_id("r")
+            kind, rid = "retry", self._next_id("r")
+        else:
+            if self.migrations >= gw.cfg.migration_max:
+                logger.warning("request %s: %s after %d token(s); not migrated (EPD_MIGRATION_MAX=%d used)",
+                               self.rid, message, len(emitted), gw.cfg.migration_max)
+                return None
+            self.migrations += 1
+            kind, rid = "migration", self._next_id("m")
+        prompt = Prompt(self.prompt.token_ids + list(emitted), self.prompt.images) if emitted else self.prompt
+        self._base = len(emitted)
         gw.end_attempt(self.attempt, f"replaced by {rid}: {message}")
         gw.metrics.recoveries.labels(kind).inc()
         logger.warning("request %s: %s; %s as %s after %d token(s)", self.rid, message, kind, rid, len(emitted))
