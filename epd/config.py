@@ -139,7 +139,7 @@ class GatewayConfig(_Base):
     instance_ttl_s: float = Field(5.0, gt=0)
     send_queue_max: int = Field(10_000, gt=0)
     send_timeout_s: float = Field(2.0, gt=0)
-    retry_max: int = Field(1, ge=0)  # re-plans of a request whose stage died before its first token
+    retry_max: int = Field(2, ge=0)  # re-plans of a request whose stage died before its first token
     migration_max: int = Field(1, ge=0)  # decode died mid-stream: resume on another decode (0 = fail instead)
 
     @field_validator("allowed_media_dir")

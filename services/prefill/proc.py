@@ -202,7 +202,7 @@ class PrefillProc(ServiceProc):
                 continue
             if error is not None and reason is None:
                 self.fail(state.req.reply_to, state.request_id, pb.UNAVAILABLE,
-                          f"KV transfer to decode failed: {error}")
+                          f"KV transfer to decode failed: {error}", peer=state.req.decode_instance)
             self.send(state.req.decode_inbox, pb.AbortRequest(request_id=state.request_id,
                                                               reason="finished in prefill" if reason else "kv failed"))
         logger.info(
@@ -226,7 +226,8 @@ class PrefillProc(ServiceProc):
             fut = self.transfer.read_async(self.region, ref.session, [off], [ref.offset], [ref.nbytes])
         except TransferError as exc:
             self.staging.free(off)
-            self._fail(state, pb.UNAVAILABLE, f"cannot read features of image {msg.index}: {exc}")
+            self._fail(state, pb.UNAVAILABLE, f"cannot read features of image {msg.index}: {exc}",
+                       peer=msg.encoder_instance)
             return
         state.prefetches[msg.index] = Prefetch(msg.index, ref, tuple(msg.grid_thw), off, fut, msg.encoder_instance,
                                                time.perf_counter())
@@ -243,7 +244,8 @@ class PrefillProc(ServiceProc):
                     feats = raw.view(torch_dtype(pf.ref.dtype)).view(list(pf.ref.shape)).clone()
                 except TransferError as exc:
                     self.staging.free(pf.staging_offset)
-                    self._fail(state, pb.UNAVAILABLE, f"cannot read features of image {index}: {exc}")
+                    self._fail(state, pb.UNAVAILABLE, f"cannot read features of image {index}: {exc}",
+                               peer=pf.encoder_instance)
                     break
                 self.staging.free(pf.staging_offset)
                 state.features[index] = feats.to(device.get_device())
