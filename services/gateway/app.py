@@ -277,7 +277,9 @@ class Gateway:
                 for i in indices:
                     adm.feature_bytes += self.prompts.feature_bytes(prompt.images[i].num_tokens, self.cfg.dtype)
                 self.metrics.instance_requests.labels(enc_id, "encoder").inc()
-            sends.append((enc_id, self._send_encode(rid, plan, enc_id, [items[i] for i in indices],
+            # the inbox is taken now: the view may change while the sends are awaited
+            sends.append((enc_id, self._send_encode(rid, plan, self.router.by_id[enc_id].inbox,
+                                                    [items[i] for i in indices],
                                                     [prompt.images[i].image.data for i in indices])))
         results = await asyncio.gather(*(s for _, s in sends), return_exceptions=True)
         failed = [(iid, r) for (iid, _), r in zip(sends, results, strict=True) if isinstance(r, BaseException)]
@@ -301,16 +303,16 @@ class Gateway:
                     plan.prefill.instance_id, plan.decode.instance_id)
         return adm
 
-    async def _send_encode(self, rid: str, plan: Plan, encoder_id: str, items: list[pb.ImageItem],
+    async def _send_encode(self, rid: str, plan: Plan, inbox: str, items: list[pb.ImageItem],
                            blobs: list[bytes]) -> None:
-        """One EncodeRequest to ``encoder_id`` for ``items``; ``blobs`` are their files, in order."""
+        """One EncodeRequest to the encoder at ``inbox`` for ``items``; ``blobs`` are their files, in order."""
         enc_items = []
         for blob_index, src in enumerate(items):
             item = pb.ImageItem()
             item.CopyFrom(src)
             item.blob_index = blob_index
             enc_items.append(item)
-        await self.client.send(self.router.by_id[encoder_id].inbox, pb.EncodeRequest(
+        await self.client.send(inbox, pb.EncodeRequest(
             request_id=rid, images=enc_items, prefill_instance=plan.prefill.instance_id,
             prefill_inbox=plan.prefill.inbox, reply_to=self.client.address,
         ), blobs)
