@@ -260,6 +260,7 @@ def main() -> None:
     ap.add_argument("--model", default="", help="model directory (default: the tiny preset)")
     ap.add_argument("--ttl", type=float, default=5.0, help="EPD_INSTANCE_TTL_S (default 5, the product default)")
     ap.add_argument("--only", default="", help="comma list: kills,midstream,single,tail,oversized,soak")
+    ap.add_argument("--streams", type=int, default=8, help="concurrent streams in the mid-stream decode kill")
     ap.add_argument("--soak-minutes", type=float, default=0.0)
     ap.add_argument("--soak-kill-every-s", type=float, default=120.0)
     ap.add_argument("--workdir", default="/tmp/epd-faults")
@@ -281,7 +282,7 @@ def main() -> None:
                 for k, role in enumerate(("encoder", "prefill", "decode")):
                     rows[f"kill9-{role}-2x"] = kill_before_first_token(dep, role, photo(20 + k))
             if "midstream" in only:
-                rows["kill9-decode-midstream-2x"] = kill_decode_midstream(dep)
+                rows["kill9-decode-midstream-2x"] = kill_decode_midstream(dep, streams=args.streams)
             if "oversized" in only:
                 rows["oversized-text"] = oversized(dep)
             if "soak" in only:
