@@ -22,7 +22,7 @@ from epd.engine.tombstones import Tombstones
 from epd.models.qwen2_runner import Qwen2VLRunner
 from epd.models.qwen2_vl import Qwen2VLAdapter
 from epd.service import ServiceProc
-from epd.transfer import TransferError
+from epd.transfer import TransferError, TransferFuture
 from epd.wire.gen import epd_pb2 as pb
 from services.prefill.core import Prefetch, PrefillState, check_kv_compatible, layout_from_proto, pick_batch
 from services.prefill.kv_sender import KvSender
@@ -46,6 +46,7 @@ class PrefillProc(ServiceProc):
         self.aborted = Tombstones(ttl_s=ORPHAN_TTL_S)
         self._batch: list[PrefillState] = []  # the batch a step is running (failed if the step raises)
         self.handed_off: dict[str, tuple[PrefillState, float]] = {}  # KvReady sent, delivery not yet certain
+        self.parked: list[tuple[TransferFuture, int]] = []  # staging of dropped requests' unsettled reads
 
     def handlers(self):
         return {
@@ -119,6 +120,8 @@ class PrefillProc(ServiceProc):
     # -- step --------------------------------------------------------------------------
     def step(self) -> bool:
         self._collect_prefetches()
+        if self.parked:
+            self._free_parked()
         mono = time.monotonic()
         for rid in [r for r, (_, until) in self.handed_off.items() if until < mono]:
             del self.handed_off[rid]
@@ -255,15 +258,25 @@ class PrefillProc(ServiceProc):
 
     # -- failure -----------------------------------------------------------------------
     def _drop(self, state: PrefillState) -> None:
-        """Forget a request, freeing staging of its in-flight reads (after they settle)."""
+        """Forget a request. The staging of a read still in flight is freed once the read settles
+        (it may still land bytes there), without waiting for it here: a stopped encoder must not
+        stall this loop for a whole transfer timeout."""
         self.requests.pop(state.request_id, None)
         for pf in state.prefetches.values():
-            try:
-                pf.future.wait()
-            except TransferError:
-                pass
-            self.staging.free(pf.staging_offset)
+            if pf.future.done():
+                self.staging.free(pf.staging_offset)
+            else:
+                self.parked.append((pf.future, pf.staging_offset))
         state.prefetches.clear()
+
+    def _free_parked(self) -> None:
+        still = []
+        for fut, offset in self.parked:
+            if fut.done():
+                self.staging.free(offset)
+            else:
+                still.append((fut, offset))
+        self.parked = still
 
     def _fail(self, state: PrefillState, code: int, message: str, notify_decode: bool = True, peer: str = "") -> None:
         self._drop(state)

@@ -258,27 +258,30 @@ def test_auth_body_limit_and_unavailable(redis_url, tiny_model, script):
     assert out["ok"] == 200
 
 
+def _stream_then_metrics(cfg: GatewayConfig, fake: FakeStages, body: dict) -> tuple[str, str]:
+    """One streamed chat request against ``fake``: (raw SSE body, /metrics text); stops ``fake``."""
+
+    async def run():
+        c = await _client(cfg)
+        try:
+            raw = (await (await c.post("/v1/chat/completions", json=body)).read()).decode()
+            return raw, await (await c.get("/metrics")).text()
+        finally:
+            await c.close()
+
+    try:
+        return asyncio.run(run())
+    finally:
+        fake.stop()
+
+
 @pytest.mark.parametrize("fail_after", [0, 5])
 def test_unavailable_stage_is_retried_or_migrated(redis_url, tiny_model, script, fail_after):
     """UNAVAILABLE before the first token: the request is retried; after 5 tokens: migrated
     (prompt + 5 tokens re-prefilled, the budget reduced). The client sees the whole script once."""
     url = _db(redis_url, 6)
     fake = FakeStages(url, script, fail_after=fail_after, delay=0.02)  # tokens reach the gateway in order
-
-    async def run():
-        c = await _client(_cfg(url, tiny_model))
-        try:
-            r = await c.post("/v1/chat/completions", json=_chat(stream=True, return_token_ids=True))
-            raw = (await r.read()).decode()
-            metrics = await (await c.get("/metrics")).text()
-            return raw, metrics
-        finally:
-            await c.close()
-
-    try:
-        raw, metrics = asyncio.run(run())
-    finally:
-        fake.stop()
+    raw, metrics = _stream_then_metrics(_cfg(url, tiny_model), fake, _chat(stream=True, return_token_ids=True))
     chunks = [json.loads(e[len("data: "):]) for e in raw.split("\n\n") if e and e != "data: [DONE]"]
     assert all("error" not in c for c in chunks), chunks
     ids = [t for c in chunks if c["choices"] for t in c["choices"][0].get("token_ids") or []]
@@ -294,20 +297,8 @@ def test_unavailable_stage_is_retried_or_migrated(redis_url, tiny_model, script,
 
 def test_unrecoverable_failure_mid_stream_is_an_error_event_and_counted(redis_url, tiny_model, script):
     url = _db(redis_url, 7)
-    fake = FakeStages(url, script, fail_after=3, fail_code=pb.INTERNAL)
-
-    async def run():
-        c = await _client(_cfg(url, tiny_model))
-        try:
-            raw = (await (await c.post("/v1/chat/completions", json=_chat(stream=True))).read()).decode()
-            return raw, await (await c.get("/metrics")).text()
-        finally:
-            await c.close()
-
-    try:
-        raw, metrics = asyncio.run(run())
-    finally:
-        fake.stop()
+    fake = FakeStages(url, script, fail_after=3, fail_code=pb.INTERNAL, delay=0.02)  # in order
+    raw, metrics = _stream_then_metrics(_cfg(url, tiny_model), fake, _chat(stream=True))
     events = [e[len("data: "):] for e in raw.split("\n\n") if e]
     assert events[-1] == "[DONE]"
     error = json.loads(events[-2])["error"]
