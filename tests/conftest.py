@@ -62,8 +62,11 @@ def redis_url(tmp_path_factory) -> str:
 
 @pytest.fixture()
 def clean_redis(redis_url) -> str:
-    redis.Redis.from_url(redis_url).flushdb()
-    return redis_url
+    """The session Redis, emptied before and after the test (no entry outlives it)."""
+    client = redis.Redis.from_url(redis_url)
+    client.flushdb()
+    yield redis_url
+    client.flushdb()
 
 
 @pytest.fixture(scope="session")
