@@ -83,6 +83,12 @@ class PeerWatch:
                 self.version += 1
         return gone
 
+    def snapshot(self) -> list[InstanceInfo]:
+        """The live view: the last snapshot plus instances missing for less than the grace (a
+        Redis restart does not empty it), sorted by id."""
+        with self._lock:
+            return sorted(self._current.values(), key=lambda i: i.instance_id)
+
     def ref(self, instance_id: str) -> PeerRef | None:
         """The live incarnation of ``instance_id`` (``None``: not registered, not tracked)."""
         with self._lock:

@@ -145,8 +145,9 @@ class Gateway:
         except RegistryError as exc:
             logger.warning("registry refresh failed: %s", exc)
             return
-        self.router.update(snapshot)
-        for ref in self.peers.update(snapshot):
+        gone = self.peers.update(snapshot)
+        self.router.update(self.peers.snapshot())  # rides out a Redis restart's empty registry
+        for ref in gone:
             self.metrics.peer_deaths.labels(ref.instance_id).inc()
             hit = [a for a in self.attempts.values() if a.deps.get(ref.instance_id) == ref.incarnation]
             logger.warning("instance %s (incarnation %s) is gone; %d request(s) depended on it",

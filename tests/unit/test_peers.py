@@ -33,6 +33,7 @@ def test_a_registry_gap_shorter_than_the_grace_kills_nobody():
     w.update(snapshot, now=0.0)
     refs = [w.ref("d0"), w.ref("p0")]
     assert w.update([], now=0.4) == []
+    assert [i.instance_id for i in w.snapshot()] == ["d0", "p0"]  # the router keeps choosing them
     assert w.update(snapshot, now=1.2) == []
     assert not any(w.is_gone(r) for r in refs)
     assert w.update([], now=2.0) == [] and w.update([], now=3.6) == refs  # a real outage ends it
