@@ -128,7 +128,6 @@ class Outbox:
         self.signer = signer
         self.queue_max = queue_max
         self.on_fail = on_fail
-        self.failed = 0  # messages that could not be delivered (metrics)
         self._inq: queue.SimpleQueue = queue.SimpleQueue()
         self._socks: dict[str, zmq.Socket] = {}
         self._waiting: dict[str, deque[_Pending]] = {}
@@ -253,7 +252,6 @@ class Outbox:
                 self._sizes.pop(address, None)
 
     def _fail(self, address: str, item: _Pending, reason: str) -> None:
-        self.failed += 1
         logger.warning("request %s: %s to %s not delivered: %s", item.request_id, item.field, address, reason)
         item.future.set_exception(PeerUnavailable(reason))
         if self.on_fail is not None:

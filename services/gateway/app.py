@@ -114,6 +114,7 @@ class Gateway:
                                    queue_max=cfg.send_queue_max)
         self.attempts: dict[str, Admitted] = {}  # in flight, by attempt id
         self.client.on_accepted = self._on_accepted
+        self.client.on_rejected = self.metrics.rejected.inc
         self.heartbeat: Heartbeat | None = None
         self._refresher: asyncio.Task | None = None
 

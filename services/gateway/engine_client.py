@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import zmq
 import zmq.asyncio
@@ -32,7 +32,6 @@ class _Stream:
     queue: asyncio.Queue
     token_senders: frozenset[str] = frozenset()
     fail_senders: frozenset[str] = frozenset()
-    rejected: int = field(default=0)
 
 
 class EngineClient:
@@ -46,7 +45,7 @@ class EngineClient:
         send_timeout_s, queue_max: the outbox's per-peer limits.
 
     Attributes:
-        rejected: messages dropped by authentication or sender checks (metrics).
+        on_rejected: called once per message dropped by authentication or sender checks (metrics).
     """
 
     def __init__(self, host: str, port: int, instance_id: str, tap: WireTap | None = None, signer=None,
@@ -58,7 +57,7 @@ class EngineClient:
         self.outbox = Outbox(zmq.Context.instance(), instance_id, send_timeout_ms=int(send_timeout_s * 1000),
                              tap=tap, signer=signer, queue_max=queue_max)
         self.streams: dict[str, _Stream] = {}
-        self.rejected = 0
+        self.on_rejected = lambda: None
         self.on_accepted = None  # optional (request id, payload field, sender) hook, on the event loop
         self._reader: asyncio.Task | None = None
 
@@ -74,7 +73,7 @@ class EngineClient:
                     frames = self.signer.verify(frames)
                 env, field_name, payload = unpack(frames[0])
             except WireError as exc:
-                self.rejected += 1
+                self.on_rejected()
                 logger.error("dropped unauthenticated or malformed message: %s", exc)
                 continue
             stream = self.streams.get(env.request_id)
@@ -83,8 +82,7 @@ class EngineClient:
                 continue
             allowed = stream.token_senders if field_name == "token_delta" else stream.fail_senders
             if field_name not in ("token_delta", "request_failed") or env.sender not in allowed:
-                self.rejected += 1
-                stream.rejected += 1
+                self.on_rejected()
                 logger.warning("request %s: %s from %s rejected (not a stage of this request)",
                                env.request_id, field_name, env.sender)
                 continue

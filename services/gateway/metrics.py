@@ -83,6 +83,8 @@ class GatewayMetrics:
         self.generation_tokens = Counter("epd_generation_tokens", "Tokens generated", registry=r)
         self.recoveries = Counter("epd_request_recoveries", "Attempts replaced after a stage failed: retry "
                                   "(before the first token) or migration (after it)", ["kind"], registry=r)
+        self.rejected = Counter("epd_messages_rejected", "Control messages the gateway dropped: no or a bad MAC, "
+                                "or not from a stage of the request they name", registry=r)
         self.peer_deaths = Counter("epd_peer_deaths", "Instances the gateway's registry watch found gone "
                                    "(heartbeat expired or restarted under a new incarnation)", ["instance"],
                                    registry=r)

@@ -21,6 +21,7 @@ import json
 import os
 import signal
 import time
+import urllib.request
 
 import pytest
 import redis
@@ -288,6 +289,10 @@ def test_forged_messages_and_registry_entries_are_ignored(cluster, hf):
     with open(cluster.logs["gateway-0"]) as fh:
         log = fh.read()
     assert "rejected" in log
+    with urllib.request.urlopen(f"{cluster.url}/metrics") as resp:
+        metrics = resp.read().decode().splitlines()
+    rejected = next(float(ln.split()[-1]) for ln in metrics if ln.startswith("epd_messages_rejected_total"))
+    assert rejected >= 6  # 3 forged TokenDeltas + 3 forged RequestFailed
     raw.delete("epd:inst:evil-p")
     evil_inbox.close()
     _settled(cluster)
