@@ -1,4 +1,5 @@
-"""The ``epd`` command: ``epd up``, ``epd serve ROLES``, ``epd health|stats|drain ADDR``, ``epd model build``."""
+"""The ``epd`` command: ``epd up``, ``epd serve ROLES``, ``epd health|stats|drain ADDR``, ``epd model build``,
+``epd bench serve|compare``."""
 
 from __future__ import annotations
 
@@ -150,6 +151,12 @@ def main(argv: list[str] | None = None) -> None:
     p_build.add_argument("--out", required=True, help="output directory")
     p_build.add_argument("--seed", type=int, default=0)
     p_build.set_defaults(func=_cmd_model_build)
+
+    p_bench = sub.add_parser("bench", help="benchmarks: serve (load an endpoint), compare (deployments side by side)")
+    bsub = p_bench.add_subparsers(dest="bench_command", required=True)
+    from epd.bench.serve import add_serve_parser
+
+    add_serve_parser(bsub)
 
     args = parser.parse_args(argv)
     try:
