@@ -40,7 +40,8 @@ class CommonConfig(_Base):
     heartbeat_s: float = Field(1.0, gt=0)
     instance_ttl_s: float = Field(5.0, gt=0)
     request_timeout_s: float = Field(120.0, gt=0)
-    torch_threads: int = Field(0, ge=0)  # 0 = torch's default
+    torch_threads: int = Field(0, ge=0)  # intra-op threads; 0 = torch's default (`epd up` sets each process's share)
+    torch_interop_threads: int = Field(1, ge=0)  # inter-op pool; 0 = torch's default (one per core)
     log_level: str = "INFO"
     wire_tap: Path | None = None  # append one line per sent message (type, frame bytes) — for tests
     roles: str = ""  # roles hosted by `python -m services`: "encoder,prefill", "E,P", "EP" (epd.topology)
@@ -169,6 +170,7 @@ class LauncherConfig(_Base):
     restart: Literal["unless-stopped", "no"] = "unless-stopped"  # restart crashed processes (compose's policy)
     restart_backoff_s: float = Field(1.0, gt=0)  # first restart delay; doubles per crash, up to restart_backoff_max_s
     restart_backoff_max_s: float = Field(30.0, gt=0)
+    torch_threads: int = Field(0, ge=0)  # set: every process gets this many; 0 = split the cores (epd.cores)
 
     @field_validator("topology")
     @classmethod

@@ -8,8 +8,11 @@ a deployment from CPU to a GPU or an Ascend NPU is a configuration change. ``npu
 from __future__ import annotations
 
 import functools
+import logging
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 _SUPPORTED = ("cpu", "cuda", "npu")
 _device_name = "cpu"
@@ -42,6 +45,31 @@ def set_device(name: str) -> torch.device:
     _device_name = name
     get_device.cache_clear()
     return get_device()
+
+
+def set_threads(intra_op: int, inter_op: int) -> tuple[int, int]:
+    """Size this process's torch thread pools (process-global; host threads on any device).
+
+    Args:
+        intra_op: ``EPD_TORCH_THREADS``; 0 keeps torch's default (``OMP_NUM_THREADS``, else
+            one per core).
+        inter_op: ``EPD_TORCH_INTEROP_THREADS``; 0 keeps torch's default. torch allows this
+            only once and only before its inter-op pool starts; a later call with the value
+            already in place does nothing, a different one logs a warning and keeps torch's
+            (raising would take a serving process down over a pool size).
+
+    Returns:
+        The pool sizes now in effect: ``(intra-op, inter-op)``.
+    """
+    if intra_op:
+        torch.set_num_threads(intra_op)
+    if inter_op and torch.get_num_interop_threads() != inter_op:
+        try:
+            torch.set_num_interop_threads(inter_op)
+        except RuntimeError as exc:  # "cannot set number of interop threads after parallel work has started"
+            logger.warning("EPD_TORCH_INTEROP_THREADS=%d not applied (%s); keeping %d",
+                           inter_op, exc, torch.get_num_interop_threads())
+    return torch.get_num_threads(), torch.get_num_interop_threads()
 
 
 @functools.lru_cache(maxsize=1)

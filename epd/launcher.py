@@ -2,8 +2,10 @@
 ``EPD_MODEL``), then the processes of the topology (``EPD_TOPOLOGY``, e.g. ``E-P-D``, ``EP-D``;
 see :mod:`epd.topology`) plus the gateway, under :class:`epd.supervisor.Supervisor`.
 
-Each process's log lines are prefixed with its name. A process that exits is restarted after
-a growing backoff (``EPD_RESTART=unless-stopped``, the default; ``no`` leaves it down while
+Each compute process gets its share of the machine's cores as its torch thread count
+(:mod:`epd.cores`; ``EPD_TORCH_THREADS`` set by the user applies to all instead), printed at
+startup. Each process's log lines are prefixed with its name. A process that exits is
+restarted after a growing backoff (``EPD_RESTART=unless-stopped``, the default; ``no`` leaves it down while
 the others keep running). Ctrl-C / SIGTERM stops all of them: SIGTERM to each process group
 (services drain), SIGKILL after ``EPD_DRAIN_TIMEOUT_S`` + 5 s; a second Ctrl-C kills at once.
 Each service also exits by itself if the launcher dies (parent-death watch in ``epd.service``).
@@ -25,6 +27,7 @@ from pathlib import Path
 import platformdirs
 
 from epd.config import LauncherConfig, environ_snapshot
+from epd.cores import describe, split_cores, usable_cores
 from epd.supervisor import ProcessSpec, Supervisor
 from epd.topology import Topology, from_counts, parse_topology
 
@@ -79,22 +82,33 @@ def deployment_topology(cfg: LauncherConfig) -> Topology:
     return from_counts(cfg.encoders, cfg.prefills, cfg.decodes)
 
 
-def service_commands(cfg: LauncherConfig) -> list[tuple[str, str, dict[str, str]]]:
+def service_commands(cfg: LauncherConfig, cores: int | None = None) -> list[tuple[str, str, dict[str, str]]]:
     """``(name, command, extra env)`` for every process of the deployment (gateway last).
 
     A one-role process runs ``python -m services.<role>`` (name ``<role>-<i>``); a
     co-located one runs ``python -m services`` with ``EPD_ROLES`` (name e.g. ``ep-0``; its
     roles register as ``ep-0-encoder``, ``ep-0-prefill``). On ``cuda``/``npu`` without an
     index, each process gets the device of its topology element (``cuda:<n>``).
+
+    Each compute process gets ``EPD_TORCH_THREADS``, ``OMP_NUM_THREADS`` and
+    ``MKL_NUM_THREADS`` (the same value, so OpenMP's pool matches torch's): its share of
+    ``cores`` (default: :func:`epd.cores.usable_cores`) by :func:`epd.cores.split_cores`, or
+    ``cfg.torch_threads`` when the user set ``EPD_TORCH_THREADS``.
     """
     py = shlex.quote(sys.executable)
     procs = []
     seen: dict[str, int] = {}
-    for spec in deployment_topology(cfg).processes:
+    topo = deployment_topology(cfg)
+    if cfg.torch_threads:
+        threads = [cfg.torch_threads] * len(topo.processes)
+    else:
+        threads = split_cores([p.roles for p in topo.processes], cores or usable_cores())
+    for spec, n in zip(topo.processes, threads, strict=True):
         key = spec.roles[0] if len(spec.roles) == 1 else spec.name.lower()
         name = f"{key}-{seen.get(key, 0)}"
         seen[key] = seen.get(key, 0) + 1
-        extra = {"EPD_INSTANCE_ID": name}
+        extra = {"EPD_INSTANCE_ID": name, "EPD_TORCH_THREADS": str(n), "OMP_NUM_THREADS": str(n),
+                 "MKL_NUM_THREADS": str(n)}
         if len(spec.roles) == 1:
             cmd = f"exec {py} -m services.{spec.roles[0]}"
         else:
@@ -154,7 +168,11 @@ def up(cfg: LauncherConfig) -> int:
         "PYTHONUNBUFFERED": "1",
     }
     root = str(Path(__file__).resolve().parents[1])
-    specs = [ProcessSpec(name, cmd, {**env, **extra}, root) for name, cmd, extra in service_commands(cfg)]
+    cores = usable_cores()
+    commands = service_commands(cfg, cores)
+    threads = [(name, int(extra["EPD_TORCH_THREADS"])) for name, _, extra in commands if "EPD_TORCH_THREADS" in extra]
+    print(describe(cores, threads, cfg.torch_threads), flush=True)
+    specs = [ProcessSpec(name, cmd, {**env, **extra}, root) for name, cmd, extra in commands]
     supervisor = Supervisor(
         specs, restart=cfg.restart, backoff_s=cfg.restart_backoff_s, backoff_max_s=cfg.restart_backoff_max_s,
         stop_timeout_s=cfg.drain_timeout_s + 5,  # let SIGTERM drains finish before SIGKILL

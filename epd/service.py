@@ -29,7 +29,6 @@ import time
 import uuid
 from collections.abc import Callable
 
-import torch
 import zmq
 
 from epd import device
@@ -137,8 +136,9 @@ class ServiceProc:
         self.instance_id = config.default_instance_id(role)
         self.incarnation = uuid.uuid4().hex[:16]
         device.set_device(config.device)
-        if config.torch_threads:
-            torch.set_num_threads(config.torch_threads)  # process-global: shared by co-located roles
+        # process-global, shared by co-located roles; services.host already set them before the
+        # weights loaded (a no-op then), this covers a Proc built without it (tests)
+        device.set_threads(config.torch_threads, config.torch_interop_threads)
         self.secret = secret = load_secret(config.cluster_secret, config.cluster_secret_file)
         self.advertise = advertised_host(config)
         check_exposure(config.host, secret, "EPD_HOST")

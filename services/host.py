@@ -18,6 +18,7 @@ import os
 import socket
 
 from epd import config
+from epd.device import set_threads
 from epd.process_host import ProcessHost
 from epd.service import connect_registry, setup_logging
 from epd.topology import letters, parse_roles
@@ -69,6 +70,9 @@ def run(roles: tuple[str, ...]) -> int:
     """
     configs = role_configs(roles)
     setup_logging(configs[0].log_level, letters(roles) if len(roles) > 1 else roles[0])
+    # before any torch work: the inter-op pool can be sized only before it starts
+    intra, inter = set_threads(configs[0].torch_threads, configs[0].torch_interop_threads)
+    logger.info("torch threads: %d intra-op, %d inter-op", intra, inter)
     connect_registry(configs[0].redis_url, configs[0].redis_retry_s)  # fail fast, before the weights load
     classes = [getattr(importlib.import_module(_PROCS[r][1]), _PROCS[r][2]) for r in roles]
     adapter = _shared_adapter(configs[0], classes)

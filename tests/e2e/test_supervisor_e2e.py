@@ -47,6 +47,11 @@ def alive(pid: int) -> bool:
         return False
 
 
+def environ(pid: int) -> dict[str, str]:
+    raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(item.decode(errors="replace").split("=", 1) for item in raw if b"=" in item)
+
+
 def decode_pid(reg: Registry, instance_id: str) -> int:
     return next((i.pid for i in reg.instances("decode") if i.instance_id == instance_id), 0)
 
@@ -60,6 +65,15 @@ def test_killed_decode_is_restarted_and_ctrl_c_stops_everything(tmp_path, redis_
         reg = Registry(url)
         procs = launcher_children(dep.proc.pid)
         assert len(procs) == 5  # encoder, prefill, 2 decodes, gateway
+        # the thread split reaches every compute process (start_deployment sets EPD_TORCH_THREADS=1)
+        compute = [pid for pid in procs if b"services.gateway" not in Path(f"/proc/{pid}/cmdline").read_bytes()]
+        assert len(compute) == 4
+        for pid in compute:
+            env_of = environ(pid)
+            assert [env_of.get(k) for k in ("EPD_TORCH_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")] == ["1"] * 3
+        log = dep.log.read_text(errors="replace")
+        assert "→ encoder-0 1, prefill-0 1, decode-0 1, decode-1 1 (EPD_TORCH_THREADS=1 for every process" in log
+        assert log.count("torch threads: 1 intra-op, 1 inter-op") == 4, log[-4000:]
         # decode-0: the router breaks ties by instance id, so the requests below land on the restarted one
         victim = decode_pid(reg, "decode-0")
         assert victim in procs
