@@ -154,9 +154,11 @@ def main(argv: list[str] | None = None) -> None:
 
     p_bench = sub.add_parser("bench", help="benchmarks: serve (load an endpoint), compare (deployments side by side)")
     bsub = p_bench.add_subparsers(dest="bench_command", required=True)
+    from epd.bench.compare import add_compare_parser
     from epd.bench.serve import add_serve_parser
 
     add_serve_parser(bsub)
+    add_compare_parser(bsub)
 
     args = parser.parse_args(argv)
     try:

@@ -131,7 +131,8 @@ def compute_metrics(records: list[RequestRecord], duration_s: float, slo: dict[s
         ``total_output_tokens``, ``request_throughput``, ``output_throughput``,
         ``total_token_throughput``, ``mean_ttft_ms``, ``median_ttft_ms``, ``std_ttft_ms``,
         ``p99_ttft_ms``, … for ttft/tpot/itl/e2el) plus ``request_goodput``, ``slo_attainment``,
-        ``requests_by_route`` (count per ``x-epd-route``) and ``errors_by_status`` (count per
+        ``requests_by_route`` (count per ``x-epd-route``), ``median_ttft_ms_by_route`` and
+        ``errors_by_status`` (count per
         :func:`error_key`).
     """
     ok = [r for r in records if r.success]
@@ -158,6 +159,10 @@ def compute_metrics(records: list[RequestRecord], duration_s: float, slo: dict[s
         out["slo_attainment"] = good / len(records) if records else 0.0
         out["goodput_slo_ms"] = dict(slo)
     out["requests_by_route"] = dict(Counter(r.route or "unknown" for r in ok))
+    out["median_ttft_ms_by_route"] = {
+        route: float(np.median([r.ttft for r in ok if (r.route or "unknown") == route]) * 1e3)
+        for route in out["requests_by_route"]
+    }
     out["errors_by_status"] = dict(sorted(Counter(error_key(r) for r in records if not r.success).items()))
     return out
 

@@ -1,0 +1,299 @@
+"""``epd bench compare``: bring up several deployments one after the other on this machine, run
+the same seeded scenarios against each, and print one table with ratios.
+
+Deployments: our topologies (any ``EPD_TOPOLOGY`` string: ``E-P-D``, ``EP-D``, ``(E-P)-D``,
+``EPD``, …), each started with ``epd up`` and its default core split, and ``transformers-serve``
+— Hugging Face's own OpenAI-compatible server on the same model directory, run as it ships
+(:mod:`epd.bench.hf_serve`), with every core given to its one process.
+
+Scenarios (fixed shapes; ``--num-prompts`` and ``--seed`` apply to all):
+
+- ``decode-heavy``: one 448×336 photo, ~16 text tokens, 256 output tokens (``ignore_eos``),
+  16 requests in flight — continuous batching against one request at a time.
+- ``sharegpt4o-like``: EPD-Serve's ShareGPT-4o shape (one ~802×652 photo, ~10 text tokens,
+  64 output tokens), 6 in flight. Also reports the **encode-bound limit**: N requests ÷ the
+  measured time to encode their images in-process on the threads the deployment's encoder gets
+  (:func:`encode_seconds`); no deployment can beat it on these cores.
+- ``image-reuse``: the same with ``--image-reuse 0.5`` (half the requests repeat an earlier
+  image: the cached route skips the encoder).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from epd.bench.client import EndpointError
+from epd.bench.serve import bench_once, check_run_args, resolve_model, workload_args
+from epd.bench.workloads import WorkloadArgs, WorkloadError, build_workload
+
+PEER = "transformers-serve"
+SCENARIOS: dict[str, dict] = {
+    "decode-heavy": {"dataset_name": "random-mm", "random_input_len": 16, "random_output_len": 256,
+                     "random_mm_bucket_config": "{(336, 448, 1): 1.0}", "random_mm_base_items_per_request": 1,
+                     "ignore_eos": True, "max_concurrency": 16, "request_rate": math.inf},
+    "sharegpt4o-like": {"dataset_name": "sharegpt4o-like", "ignore_eos": True, "max_concurrency": 6,
+                        "request_rate": math.inf},
+    "image-reuse": {"dataset_name": "sharegpt4o-like", "image_reuse": 0.5, "ignore_eos": True,
+                    "max_concurrency": 6, "request_rate": math.inf},
+}
+
+
+@dataclass
+class Running:
+    """A deployment that is up: its process (group leader), URL and log file."""
+
+    name: str
+    proc: subprocess.Popen
+    url: str
+    log: Path
+
+    def stop(self, timeout_s: float = 60.0) -> None:
+        """SIGTERM the process group (services drain), SIGKILL after ``timeout_s``."""
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+
+def free_port() -> int:
+    from epd.launcher import free_port as _free
+
+    return _free()
+
+
+def start_ours(topology: str, model: Path, log_dir: Path, startup_timeout_s: float) -> Running:
+    """``epd up --topology T`` on a free port in its own process group; returns once it serves.
+
+    Raises:
+        EndpointError: it exited or was not ready within ``startup_timeout_s``.
+    """
+    from epd.launcher import gateway_ready
+    from epd.topology import parse_topology
+
+    port = free_port()
+    log = log_dir / f"{topology.replace('(', '').replace(')', '')}.log"
+    env = {**os.environ, "EPD_RESTART": "no"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "epd.cli", "up", "--topology", topology, "--port", str(port), "--model", str(model)],
+        stdout=open(log, "wb"), stderr=subprocess.STDOUT, env=env, start_new_session=True,
+    )
+    run = Running(topology, proc, f"http://127.0.0.1:{port}", log)
+    topo = parse_topology(topology)
+    want = {r: topo.count(r) for r in ("encoder", "prefill", "decode")}
+    deadline = time.monotonic() + startup_timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise EndpointError(f"{topology}: epd up exited ({proc.returncode}); see {log}")
+        if gateway_ready(run.url, want):
+            return run
+        time.sleep(0.5)
+    run.stop()
+    raise EndpointError(f"{topology}: not ready after {startup_timeout_s:.0f} s; see {log}")
+
+
+def start_peer_server(model: Path, log_dir: Path, dtype: str, startup_timeout_s: float) -> Running:
+    """``transformers serve`` on ``model`` (all cores) via :mod:`epd.bench.hf_serve`."""
+    from epd.bench.hf_serve import start_peer, wait_ready
+
+    port = free_port()
+    log = log_dir / f"{PEER}.log"
+    proc = start_peer(model, port, dtype=dtype, threads=len(os.sched_getaffinity(0)), log_path=log)
+    run = Running(PEER, proc, f"http://127.0.0.1:{port}", log)
+    try:
+        wait_ready(run.url, str(model), startup_timeout_s)
+    except Exception:
+        run.stop()
+        raise
+    return run
+
+
+def encoder_threads(topology: str) -> int:
+    """Torch threads the launcher gives the (first) encoder process of ``topology`` here."""
+    from epd.cores import split_cores, usable_cores
+    from epd.topology import parse_topology
+
+    topo = parse_topology(topology)
+    threads = split_cores([p.roles for p in topo.processes], usable_cores())
+    for spec, n in zip(topo.processes, threads, strict=True):
+        if "encoder" in spec.roles:
+            return n
+    raise ValueError(f"{topology} has no encoder")
+
+
+def encode_seconds(model: Path, wl: WorkloadArgs, threads: int, dtype: str = "float32") -> float:
+    """Seconds to encode every distinct image of the workload in-process, one image per forward,
+    on ``threads`` torch threads (after one warm-up forward): the encode-bound floor of a run.
+
+    Runs in a child process so the thread count and the model's memory do not stay with us.
+    """
+    code = (
+        "import base64,io,json,sys,time,torch\n"
+        "from PIL import Image\n"
+        "from epd.bench.workloads import WorkloadArgs, build_workload\n"
+        "from epd.models.qwen2_vl import Qwen2VLAdapter\n"
+        "a=json.loads(sys.argv[1]); torch.set_num_threads(a['threads'])\n"
+        "ad=Qwen2VLAdapter.load(a['model'], dtype=getattr(torch,a['dtype']))\n"
+        "reqs=build_workload(WorkloadArgs(**a['wl']))\n"
+        "seen={}\n"
+        "for r in reqs:\n"
+        "  for u,k in zip(r.images,r.image_keys): seen[k]=u\n"
+        "imgs=[Image.open(io.BytesIO(base64.b64decode(u.split(',',1)[1]))).convert('RGB') for u in seen.values()]\n"
+        "ad.encode(imgs[:1]) if imgs else None\n"
+        "t=time.perf_counter()\n"
+        "for im in imgs: ad.encode([im])\n"
+        "print(json.dumps({'seconds': time.perf_counter()-t, 'images': len(imgs)}))\n"
+    )
+    arg = json.dumps({"threads": threads, "model": str(model), "dtype": dtype, "wl": wl.__dict__})
+    out = subprocess.run([sys.executable, "-c", code, arg], capture_output=True, text=True, check=True,
+                         env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+    return json.loads(out.stdout.strip().splitlines()[-1])["seconds"]
+
+
+def scenario_args(base: argparse.Namespace, name: str) -> argparse.Namespace:
+    """``base`` flags with scenario ``name``'s shape applied."""
+    return argparse.Namespace(**{**vars(base), **SCENARIOS[name]})
+
+
+def _same_text(a: list[str], b: list[str]) -> str:
+    n = min(len(a), len(b))
+    return f"{sum(x == y for x, y in zip(a[:n], b[:n], strict=True))}/{n}" if n else "-"
+
+
+def print_table(rows: list[dict], peer: str | None) -> None:
+    """One line per (scenario, deployment) with ratios to the peer and to the encode-bound limit."""
+    cols = ["scenario", "deployment", "req/s", "tok/s", "TTFT p50", "TTFT p90", "TPOT p50", "E2E p50", "errors",
+            "req/s ÷ peer", "tok/s ÷ peer", "÷ enc. limit", "same text"]
+    print(" | ".join(cols))
+    print(" | ".join("---" for _ in cols))
+    by_key = {(r["scenario"], r["deployment"]): r for r in rows}
+
+    def ratio(r: dict, ref: dict | None, k: str) -> str:
+        return f"{r[k] / ref[k]:.2f}×" if ref and ref[k] else "-"
+
+    for r in rows:
+        ref = by_key.get((r["scenario"], peer)) if peer else None
+        limit = r.get("encode_limit_req_s")
+        cells = [r["scenario"], r["deployment"], f"{r['request_throughput']:.3f}", f"{r['output_throughput']:.1f}",
+                 f"{r['median_ttft_ms']:.0f}", f"{r['p90_ttft_ms']:.0f}", f"{r['median_tpot_ms']:.1f}",
+                 f"{r['median_e2el_ms']:.0f}", str(sum(r["errors_by_status"].values())),
+                 ratio(r, ref, "request_throughput"), ratio(r, ref, "output_throughput"),
+                 f"{r['request_throughput'] / limit:.2f}" if limit else "-", r.get("same_text", "-")]
+        print(" | ".join(cells))
+
+
+async def _bench(run: Running, args: argparse.Namespace, scenario: str, model_dir: Path,
+                 slo, percentiles) -> tuple[dict, list[str]]:
+    sargs = scenario_args(args, scenario)
+    model = await resolve_model(run.url, None)
+    wl = workload_args(sargs, str(model_dir))
+    res, raw = await bench_once(run.url, model, sargs, wl, sargs.request_rate, slo, percentiles,
+                                f"{run.name} {scenario}")
+    return res, [r.generated_text for r in raw.records]
+
+
+def main_compare(args: argparse.Namespace) -> int:
+    """Entry of ``epd bench compare``; returns the exit code (2: bad input)."""
+    deployments = [d.strip() for d in args.deployments.split(",") if d.strip()]
+    scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
+    try:
+        unknown = [s for s in scenarios if s not in SCENARIOS]
+        if unknown:
+            raise WorkloadError(f"unknown scenario(s) {', '.join(unknown)}; expected {', '.join(SCENARIOS)}")
+        from epd.topology import parse_topology
+
+        for d in deployments:
+            if d != PEER:
+                parse_topology(d)
+        model_dir = Path(args.model)
+        if not (model_dir / "config.json").is_file():
+            raise WorkloadError(f"--model {model_dir}: not a model directory (no config.json)")
+        slo, percentiles = check_run_args(args)
+        for s in scenarios:  # fail fast on a bad workload
+            build_workload(WorkloadArgs(**{**workload_args(scenario_args(args, s), str(model_dir)).__dict__,
+                                           "num_prompts": 1}))
+    except (WorkloadError, ValueError) as exc:
+        print(f"epd bench compare: {exc}", file=sys.stderr)
+        return 2
+    out_dir = Path(args.result_dir)
+    (out_dir / "logs").mkdir(parents=True, exist_ok=True)
+    limits: dict[tuple[str, int], float] = {}
+    if args.encode_limit:  # measured first, on an idle machine (a deployment that is up skews it)
+        for dep in deployments:
+            for sc in scenarios:
+                if sc == "decode-heavy" or dep == PEER:
+                    continue
+                key = (sc, encoder_threads(dep))
+                if key not in limits:
+                    print(f"--- encode-bound limit: {sc} on {key[1]} thread(s)", flush=True)
+                    limits[key] = encode_seconds(model_dir, workload_args(scenario_args(args, sc), str(model_dir)),
+                                                 key[1])
+    rows: list[dict] = []
+    texts: dict[tuple[str, str], list[str]] = {}
+    for dep in deployments:
+        print(f"--- {dep}: starting", flush=True)
+        try:
+            run = (start_peer_server(model_dir, out_dir / "logs", args.peer_dtype, args.startup_timeout)
+                   if dep == PEER else start_ours(dep, model_dir, out_dir / "logs", args.startup_timeout))
+        except (EndpointError, RuntimeError, OSError) as exc:
+            print(f"--- {dep}: could not start: {exc}", file=sys.stderr)
+            continue
+        try:
+            for sc in scenarios:
+                res, gen = asyncio.run(_bench(run, args, sc, model_dir, slo, percentiles))
+                row = {"scenario": sc, "deployment": dep} | res
+                key = (sc, encoder_threads(dep)) if dep != PEER else None
+                if key in limits:
+                    threads = key[1]
+                    row["encoder_threads"] = threads
+                    row["encode_seconds"] = limits[key]
+                    row["encode_limit_req_s"] = args.num_prompts / limits[key]
+                rows.append(row)
+                texts[(sc, dep)] = gen
+                print(f"--- {dep} {sc}: {res['request_throughput']:.3f} req/s, {res['output_throughput']:.1f} tok/s, "
+                      f"TTFT p50 {res['median_ttft_ms']:.0f} ms, errors {res['errors_by_status']}", flush=True)
+        finally:
+            run.stop()
+    ref = PEER if PEER in deployments else (deployments[0] if deployments else None)
+    for row in rows:
+        if ref and (row["scenario"], ref) in texts and row["deployment"] != ref:
+            row["same_text"] = _same_text(texts[(row["scenario"], row["deployment"])], texts[(row["scenario"], ref)])
+    print()
+    print_table(rows, PEER if PEER in deployments else None)
+    result = {"model": str(model_dir), "num_prompts": args.num_prompts, "seed": args.seed,
+              "cores": len(os.sched_getaffinity(0)), "deployments": deployments, "scenarios": scenarios, "rows": rows}
+    path = out_dir / (args.result_filename or "compare.json")
+    path.write_text(json.dumps(result, indent=2, default=str))
+    print(f"result: {path}")
+    return 0 if rows else 1
+
+
+def add_compare_parser(sub) -> None:
+    """``epd bench compare`` on the ``epd bench`` subparsers."""
+    from epd.bench.serve import add_run_args, add_workload_args
+
+    p = sub.add_parser("compare", help="run the same scenarios against several deployments, one table",
+                       description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, help="model directory (the same for every deployment)")
+    p.add_argument("--deployments", default=f"E-P-D,EP-D,(E-P)-D,EPD,{PEER}",
+                   help=f"comma-separated topologies and/or {PEER}")
+    p.add_argument("--scenarios", default=",".join(SCENARIOS), help=f"comma-separated: {', '.join(SCENARIOS)}")
+    p.add_argument("--peer-dtype", default="float32", help="dtype of transformers serve (ours: EPD_DTYPE)")
+    p.add_argument("--startup-timeout", type=float, default=300.0, help="seconds for a deployment to come up")
+    p.add_argument("--no-encode-limit", dest="encode_limit", action="store_false",
+                   help="skip measuring the encode-bound limit")
+    add_workload_args(p)
+    add_run_args(p)
+    p.set_defaults(func=main_compare, num_prompts=12, result_dir="benchmarks/results/compare")
