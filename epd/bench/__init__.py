@@ -1,0 +1,1 @@
+"""Benchmarks against a peer server: `epd bench serve` / `epd bench compare`."""
