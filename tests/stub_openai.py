@@ -20,8 +20,12 @@ from aiohttp import web
 MODEL = "stub-model"
 
 
-def make_app(fail_every: int = 0, midstream_every: int = 0, cut_every: int = 0) -> web.Application:
-    """The stub's aiohttp application (see the module docstring for the failure knobs)."""
+def make_app(fail_every: int = 0, midstream_every: int = 0, cut_every: int = 0,
+             hf_style: bool = False) -> web.Application:
+    """The stub's aiohttp application (see the module docstring for the failure knobs).
+
+    ``hf_style``: end streams as ``transformers serve`` does — the last chunk carries
+    ``finish_reason`` and usage, and no ``[DONE]`` follows."""
     state = {"n": 0}
 
     async def models(_request: web.Request) -> web.Response:
@@ -31,6 +35,9 @@ def make_app(fail_every: int = 0, midstream_every: int = 0, cut_every: int = 0) 
         state["n"] += 1
         n = state["n"]
         body = await request.json()
+        if body.get("model") not in (None, MODEL):
+            return web.json_response({"error": {"message": f"The model `{body['model']}` does not exist.",
+                                                "type": "NotFoundError", "param": None, "code": 404}}, status=404)
         if fail_every and n % fail_every == 0:
             return web.json_response({"error": {"message": "stub overloaded", "type": "server_error",
                                                 "param": None, "code": None}}, status=503)
@@ -51,10 +58,12 @@ def make_app(fail_every: int = 0, midstream_every: int = 0, cut_every: int = 0) 
         if midstream_every and n % midstream_every == 0:
             await resp.write(b'data: {"error": {"message": "stub died", "type": "server_error"}}\n\n')
         else:
-            usage = head | {"choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": tokens,
-                                                     "total_tokens": tokens + 1}}
+            choices = [{"index": 0, "delta": {}, "finish_reason": "length"}] if hf_style else []
+            usage = head | {"choices": choices, "usage": {"prompt_tokens": 1, "completion_tokens": tokens,
+                                                          "total_tokens": tokens + 1}}
             await resp.write(b"data: " + json.dumps(usage).encode() + b"\n\n")
-        await resp.write(b"data: [DONE]\n\n")
+        if not hf_style:
+            await resp.write(b"data: [DONE]\n\n")
         await resp.write_eof()
         return resp
 

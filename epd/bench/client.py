@@ -44,7 +44,9 @@ class RunConfig:
         burstiness: gamma shape of inter-arrival gaps (1.0 = Poisson).
         max_concurrency: requests in flight at most (``None``: unbounded).
         seed: seeds the arrival gaps.
-        ignore_eos: send vLLM's ``ignore_eos`` so every request generates ``max_tokens``.
+        ignore_eos: make every request generate ``max_tokens``.
+        ignore_eos_via: how: ``"ignore_eos"`` (vLLM's, SGLang's and our field) or
+            ``"generation_config"`` (``transformers serve``: ``{"min_new_tokens": max_tokens}``).
         temperature: sampling temperature (0 = greedy, as ``vllm bench serve``).
         timeout_s: per-request limit (s); a request past it counts as a failure (status 0).
         extra_body: merged into every request body.
@@ -58,6 +60,7 @@ class RunConfig:
     max_concurrency: int | None = None
     seed: int = 0
     ignore_eos: bool = False
+    ignore_eos_via: str = "ignore_eos"
     temperature: float = 0.0
     timeout_s: float = 600.0
     extra_body: dict = field(default_factory=dict)
@@ -109,7 +112,9 @@ def chat_body(req: BenchRequest, cfg: RunConfig) -> dict:
         "max_completion_tokens": req.max_tokens, "max_tokens": req.max_tokens,
         "temperature": cfg.temperature, "stream": True, "stream_options": {"include_usage": True},
     }
-    if cfg.ignore_eos:
+    if cfg.ignore_eos and cfg.ignore_eos_via == "generation_config":  # transformers serve's way (422 on ignore_eos)
+        body["generation_config"] = json.dumps({"min_new_tokens": req.max_tokens})
+    elif cfg.ignore_eos:
         body["ignore_eos"] = True
     return body | cfg.extra_body
 
@@ -137,7 +142,7 @@ async def send_chat(session: aiohttp.ClientSession, url: str, body: dict, prompt
                 rec.error = _error_message(await resp.read())
                 rec.latency = time.perf_counter() - rec.sent_at
                 return rec
-            done = False
+            done = finished = False
             async for line in resp.content:
                 if not line.startswith(b"data:"):
                     continue
@@ -153,6 +158,7 @@ async def send_chat(session: aiohttp.ClientSession, url: str, body: dict, prompt
                 if obj.get("usage"):
                     rec.output_tokens = int(obj["usage"].get("completion_tokens") or 0)
                 for choice in obj.get("choices") or ():
+                    finished = finished or bool(choice.get("finish_reason"))
                     piece = (choice.get("delta") or {}).get("content")
                     if piece:
                         if chunks == 0:
@@ -166,8 +172,8 @@ async def send_chat(session: aiohttp.ClientSession, url: str, body: dict, prompt
             rec.generated_text = "".join(text)
             if not rec.output_tokens:
                 rec.output_tokens = chunks
-            if not rec.error and not done:
-                rec.error = "midstream: the stream ended without [DONE]"
+            if not rec.error and not (done or finished):  # transformers serve ends on finish_reason, no [DONE]
+                rec.error = "midstream: the stream ended without [DONE] or a finish_reason"
             rec.success = not rec.error and chunks > 0
             if not rec.success and not rec.error:
                 rec.error = "no content in the response"

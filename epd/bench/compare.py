@@ -197,7 +197,10 @@ def print_table(rows: list[dict], peer: str | None) -> None:
 async def _bench(run: Running, args: argparse.Namespace, scenario: str, model_dir: Path,
                  slo, percentiles) -> tuple[dict, list[str]]:
     sargs = scenario_args(args, scenario)
-    model = await resolve_model(run.url, None)
+    if run.name == PEER:  # it serves the directory under its path and takes ignore_eos its own way
+        model, sargs.ignore_eos_via = str(model_dir), "generation_config"
+    else:
+        model = await resolve_model(run.url, None)
     wl = workload_args(sargs, str(model_dir))
     res, raw = await bench_once(run.url, model, sargs, wl, sargs.request_rate, slo, percentiles,
                                 f"{run.name} {scenario}")

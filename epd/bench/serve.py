@@ -96,6 +96,9 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
                    "tpot, e2el; a sweep defaults to EPD-Serve's ttft:2000 tpot:50)")
     p.add_argument("--goodput-target", type=float, default=0.9, help="attainment that defines goodput (0.9)")
     p.add_argument("--ignore-eos", action="store_true", help="send ignore_eos so every request runs to max tokens")
+    p.add_argument("--ignore-eos-via", choices=["ignore_eos", "generation_config"], default="ignore_eos",
+                   help="how --ignore-eos is sent: vLLM's ignore_eos field, or transformers serve's "
+                   "generation_config {min_new_tokens} (it rejects ignore_eos with 422)")
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--metric-percentiles", default="90,99", help="percentiles reported besides the median")
     p.add_argument("--request-timeout", type=float, default=600.0, help="per-request limit in seconds")
@@ -235,8 +238,34 @@ async def resolve_model(base_url: str, model: str | None) -> str:
             raise EndpointError(f"{base_url}/v1/models lists no model")
         return listed[0]
     if model not in listed:
-        raise EndpointError(f"model {model!r} is not served by {base_url} (it lists: {', '.join(listed) or 'none'})")
+        # transformers serve lists its HF cache, not the directory it serves: ask the server itself.
+        status, message = await probe_model(base_url, model)
+        if status != 200:
+            raise EndpointError(f"model {model!r} is not served by {base_url} (it lists: {', '.join(listed) or 'none'}"
+                                f"; a 1-token request got HTTP {status}: {message})")
     return model
+
+
+async def probe_model(base_url: str, model: str) -> tuple[int, str]:
+    """``(HTTP status, error message)`` of a 1-token chat request naming ``model`` (0: no answer)."""
+    import aiohttp
+
+    from epd.bench.client import make_session
+
+    body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1, "temperature": 0}
+    try:
+        async with make_session(60) as s, s.post(f"{base_url}/v1/chat/completions", json=body) as resp:
+            raw = await resp.read()
+            if resp.status == 200:
+                return 200, ""
+            try:
+                err = json.loads(raw).get("error") or json.loads(raw).get("detail") or raw[:120].decode()
+            except ValueError:
+                err = raw[:120].decode(errors="replace")
+            msg = err.get("message", str(err)) if isinstance(err, dict) else str(err)
+            return resp.status, msg[:160]
+    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        return 0, str(exc)
 
 
 async def bench_once(base_url: str, model: str, args: argparse.Namespace, wl: WorkloadArgs, rate: float,
@@ -244,6 +273,7 @@ async def bench_once(base_url: str, model: str, args: argparse.Namespace, wl: Wo
     """Warm-ups (if any), then one measured run at ``rate``; returns (figures, raw run)."""
     cfg = RunConfig(base_url=base_url, model=model, request_rate=rate, burstiness=args.burstiness,
                     max_concurrency=args.max_concurrency, seed=args.seed, ignore_eos=args.ignore_eos,
+                    ignore_eos_via=args.ignore_eos_via,
                     temperature=args.temperature, timeout_s=args.request_timeout, progress=not args.disable_tqdm)
     if args.num_warmups:
         warm = build_workload(WorkloadArgs(**{**wl.__dict__, "num_prompts": args.num_warmups,

@@ -177,16 +177,13 @@ def test_arrivals_follow_rate_and_burstiness():
 
 # -- against a stub server -------------------------------------------------------------------
 
-@pytest.fixture()
-def stub_url():
-    """The stub on a free port in a thread; every 4th request 503, every 5th mid-stream error,
-    every 7th cut without [DONE]."""
+def _serve_stub(app: web.Application):
     from tests.conftest import free_port
 
     port = free_port()
     loop = asyncio.new_event_loop()
     ready = threading.Event()
-    runner = web.AppRunner(make_app(fail_every=4, midstream_every=5, cut_every=7), access_log=None)
+    runner = web.AppRunner(app, access_log=None)
 
     def serve():
         asyncio.set_event_loop(loop)
@@ -200,6 +197,26 @@ def stub_url():
     yield f"http://127.0.0.1:{port}"
     asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
     loop.call_soon_threadsafe(loop.stop)
+
+
+@pytest.fixture()
+def stub_url():
+    """The stub on a free port in a thread; every 4th request 503, every 5th mid-stream error,
+    every 7th cut without [DONE]."""
+    yield from _serve_stub(make_app(fail_every=4, midstream_every=5, cut_every=7))
+
+
+def test_a_stream_that_ends_on_finish_reason_without_done_succeeds():
+    """transformers serve ends its streams with a finish_reason chunk and no [DONE]."""
+    for url in _serve_stub(make_app(hf_style=True)):
+        run = asyncio.run(run_requests(RunConfig(url, MODEL, progress=False), _text_requests(3, 5)))
+        assert [(r.success, r.output_tokens) for r in run.records] == [(True, 5)] * 3
+
+
+def _text_requests(n: int, tokens: int):
+    from epd.bench.workloads import BenchRequest
+
+    return [BenchRequest(prompt=f"p{i}", max_tokens=tokens) for i in range(n)]
 
 
 def test_failures_are_counted_per_status_and_the_run_completes(stub_url):
