@@ -59,13 +59,25 @@ class Running:
 
     def stop(self, timeout_s: float = 60.0) -> None:
         """SIGTERM the process group (services drain), SIGKILL after ``timeout_s``."""
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
+        if self.proc.poll() is not None:
+            return
+        try:
+            group = os.getpgid(self.proc.pid) == self.proc.pid
+        except ProcessLookupError:
+            group = False
+
+        def send(sig: int) -> None:
             try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+                os.killpg(self.proc.pid, sig) if group else self.proc.send_signal(sig)
+            except ProcessLookupError:
+                pass
+
+        send(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            send(signal.SIGKILL)
+            self.proc.wait()
 
 
 def free_port() -> int:
