@@ -16,6 +16,17 @@ Scenarios (fixed shapes; ``--num-prompts`` and ``--seed`` apply to all):
   (:func:`encode_seconds`); no deployment can beat it on these cores.
 - ``image-reuse``: the same with ``--image-reuse 0.5`` (half the requests repeat an earlier
   image: the cached route skips the encoder).
+
+With ``--sweep-rates a,b,c`` each (deployment, scenario) runs open-loop Poisson arrivals at
+every rate instead (no concurrency cap, fresh image content per rate), and the output adds each
+one's goodput (the highest rate with ≥ ``--goodput-target`` SLO attainment, interpolated) and,
+per scenario, ``attainment-<scenario>.png`` (all deployments on one chart) and
+``cdf-<scenario>.png``.
+
+Greedy text is compared request by request with the reference (``transformers serve`` when it
+is in the list, else the first deployment): ``same text k/N``. ``ignore_eos`` (ours) lets the
+model emit EOS and go on, while ``transformers serve``'s ``min_new_tokens`` masks EOS, so a
+request whose greedy path meets EOS before its last token differs from there on.
 """
 
 from __future__ import annotations
@@ -33,7 +44,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from epd.bench.client import EndpointError
-from epd.bench.serve import bench_once, check_run_args, resolve_model, workload_args
+from epd.bench.metrics import goodput_from_sweep
+from epd.bench.serve import bench_once, check_run_args, latencies_ms, resolve_model, slo_text, workload_args
 from epd.bench.workloads import WorkloadArgs, WorkloadError, build_workload
 
 PEER = "transformers-serve"
@@ -179,6 +191,14 @@ def scenario_args(base: argparse.Namespace, name: str) -> argparse.Namespace:
     return argparse.Namespace(**{**vars(base), **SCENARIOS[name]})
 
 
+def scenario_workload(sargs: argparse.Namespace, scenario: str, model_dir: Path) -> WorkloadArgs:
+    """The workload of ``scenario``; each scenario draws its own images (its own ``image_salt``),
+    so one scenario's run never warms the feature cache for the next."""
+    wl = workload_args(sargs, str(model_dir))
+    wl.image_salt += 1000 * list(SCENARIOS).index(scenario)
+    return wl
+
+
 def _same_text(a: list[str], b: list[str]) -> str:
     n = min(len(a), len(b))
     return f"{sum(x == y for x, y in zip(a[:n], b[:n], strict=True))}/{n}" if n else "-"
@@ -213,10 +233,46 @@ async def _bench(run: Running, args: argparse.Namespace, scenario: str, model_di
         model, sargs.ignore_eos_via = str(model_dir), "generation_config"
     else:
         model = await resolve_model(run.url, None)
-    wl = workload_args(sargs, str(model_dir))
-    res, raw = await bench_once(run.url, model, sargs, wl, sargs.request_rate, slo, percentiles,
-                                f"{run.name} {scenario}")
-    return res, [r.generated_text for r in raw.records]
+    wl = scenario_workload(sargs, scenario, model_dir)
+    if not args.sweep_rates:
+        res, raw = await bench_once(run.url, model, sargs, wl, sargs.request_rate, slo, percentiles,
+                                    f"{run.name} {scenario}")
+        return res, [r.generated_text for r in raw.records]
+    # A sweep is open-loop: Poisson arrivals at each rate, no concurrency cap; the row's figures
+    # are those of the highest rate, the sweep and the goodput ride along.
+    sargs.max_concurrency = None
+    sweep, cdfs = [], {}
+    for k, rate in enumerate(args.sweep_rates):
+        wl_k = WorkloadArgs(**{**wl.__dict__, "image_salt": wl.image_salt + 1 + k})  # no cache hits across rates
+        res, raw = await bench_once(run.url, model, sargs, wl_k, rate, slo, percentiles, f"{run.name} {scenario}")
+        sweep.append({"request_rate": rate} | res)
+        cdfs[rate] = latencies_ms(raw)
+    goodput, how = goodput_from_sweep([(e["request_rate"], e["slo_attainment"]) for e in sweep], args.goodput_target)
+    return res | {"sweep": sweep, "goodput": goodput, "goodput_how": how, "cdfs": cdfs}, [
+        r.generated_text for r in raw.records]
+
+
+def sweep_outputs(rows: list[dict], args: argparse.Namespace, slo: dict[str, float], out_dir: Path,
+                  model_dir: Path) -> None:
+    """Goodput table, ratios between deployments, attainment-vs-rate and TTFT/TPOT CDF plots per scenario."""
+    from epd.bench import plots
+
+    print("\nscenario | deployment | goodput (req/s) | how | attainment at " + ", ".join(
+        f"{r:g}" for r in args.sweep_rates) + " req/s")
+    print("--- | --- | --- | --- | ---")
+    for r in rows:
+        att = ", ".join(f"{100 * e['slo_attainment']:.0f} %" for e in r["sweep"])
+        g = f"{r['goodput']:.3f}" if r["goodput"] is not None else "< lowest rate"
+        print(f"{r['scenario']} | {r['deployment']} | {g} | {r['goodput_how']} | {att}")
+    for sc in dict.fromkeys(r["scenario"] for r in rows):
+        mine = [r for r in rows if r["scenario"] == sc]
+        title = f"{sc} · {model_dir.name} · {len(os.sched_getaffinity(0))} cores · {slo_text(slo)}"
+        series = {r["deployment"]: [(e["request_rate"], e["slo_attainment"]) for e in r["sweep"]] for r in mine}
+        png = plots.attainment_vs_rate(series, {r["deployment"]: r["goodput"] for r in mine}, args.goodput_target,
+                                       title, out_dir / f"attainment-{sc}.png")
+        cdf = plots.latency_cdf({f"{r['deployment']} @ {rate:g}/s": v for r in mine for rate, v in r["cdfs"].items()},
+                                f"{sc} · {model_dir.name}: latency CDF", out_dir / f"cdf-{sc}.png")
+        print(f"plots: {png} {cdf}")
 
 
 def main_compare(args: argparse.Namespace) -> int:
@@ -253,7 +309,7 @@ def main_compare(args: argparse.Namespace) -> int:
                 key = (sc, encoder_threads(dep))
                 if key not in limits:
                     print(f"--- encode-bound limit: {sc} on {key[1]} thread(s)", flush=True)
-                    limits[key] = encode_seconds(model_dir, workload_args(scenario_args(args, sc), str(model_dir)),
+                    limits[key] = encode_seconds(model_dir, scenario_workload(scenario_args(args, sc), sc, model_dir),
                                                  key[1])
     rows: list[dict] = []
     texts: dict[tuple[str, str], list[str]] = {}
@@ -287,6 +343,10 @@ def main_compare(args: argparse.Namespace) -> int:
             row["same_text"] = _same_text(texts[(row["scenario"], row["deployment"])], texts[(row["scenario"], ref)])
     print()
     print_table(rows, PEER if PEER in deployments else None)
+    if args.sweep_rates and rows:
+        sweep_outputs(rows, args, slo, out_dir, model_dir)
+        for r in rows:
+            r.pop("cdfs", None)
     result = {"model": str(model_dir), "num_prompts": args.num_prompts, "seed": args.seed,
               "cores": len(os.sched_getaffinity(0)), "deployments": deployments, "scenarios": scenarios, "rows": rows}
     path = out_dir / (args.result_filename or "compare.json")

@@ -80,8 +80,8 @@ def add_workload_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output-len", type=int, help="override the dataset's output tokens per request")
     p.add_argument("--image-reuse", type=float, default=0.0, help="fraction of requests that repeat earlier "
                    "images (exercises the cached route)")
-    p.add_argument("--image-salt", type=int, default=0, help="changes every generated image's content (one "
-                   "pixel) so a rerun against a live server misses its cache")
+    p.add_argument("--image-salt", type=int, default=0, help="changes what every generated image shows (its "
+                   "crop), nothing else: a rerun against a live server then misses its feature cache")
 
 
 def add_run_args(p: argparse.ArgumentParser) -> None:

@@ -84,7 +84,7 @@ class WorkloadArgs:
     image_reuse: float = 0.0
     output_len: int | None = None  # overrides the dataset's own output length
     dataset_path: str | None = None
-    image_salt: int = 0  # changes every generated image's content (one pixel), nothing else
+    image_salt: int = 0  # changes what every generated image shows (its crop), nothing else
 
 
 _photo_cache: dict[str, object] = {}
@@ -207,25 +207,37 @@ def parse_buckets(spec: str) -> list[tuple[tuple[int, int], float]]:
 
 
 class _Images:
-    """Generates unique images and applies ``--image-reuse`` (a request repeats earlier images)."""
+    """Generates unique images and applies ``--image-reuse`` (a request repeats earlier images).
 
-    def __init__(self, rng: random.Random, reuse: float, salt: int = 0) -> None:
-        self.rng = rng
+    Which requests repeat is drawn from ``seed`` alone; what the images show (photo, crop) from
+    ``seed`` and ``salt``, so two salts give the same workload shape with different image bytes.
+    Uniqueness is checked on the encoded bytes (servers hash those: our ``mm_hash`` is their
+    sha256): JPEG can swallow the one-pixel stamp, so a repeat is redrawn.
+    """
+
+    def __init__(self, seed: int, reuse: float, salt: int = 0) -> None:
+        self.rng = random.Random(seed)
+        self.crops = random.Random(f"{seed}/{salt}")
         self.reuse = reuse
-        self.salt = salt
         self.pool: list[tuple[str, str, tuple[int, int]]] = []  # (url, key, size)
+        self.keys: set[str] = set()
         self.n = 0
+
+    def _new(self, w: int, h: int) -> tuple[str, str, tuple[int, int]]:
+        for _ in range(100):
+            self.n += 1
+            url, key = jpeg_data_url(make_image(self.crops, w, h, self.n))
+            if key not in self.keys:
+                self.keys.add(key)
+                return url, key, (w, h)
+        raise WorkloadError(f"cannot make a new {w}x{h} image (100 draws repeated earlier ones)")
 
     def for_request(self, sizes: list[tuple[int, int]]) -> tuple[list[str], list[str], list]:
         """URLs, keys and sizes for one request asking for images of ``sizes`` (W, H)."""
         if sizes and self.pool and self.rng.random() < self.reuse:
             picked = [self.rng.choice(self.pool) for _ in sizes]
         else:
-            picked = []
-            for w, h in sizes:
-                self.n += 1
-                url, key = jpeg_data_url(make_image(self.rng, w, h, self.n + 65536 * self.salt))
-                picked.append((url, key, (w, h)))
+            picked = [self._new(w, h) for w, h in sizes]
             self.pool.extend(picked)
         return [p[0] for p in picked], [p[1] for p in picked], [p[2] for p in picked]
 
@@ -249,7 +261,7 @@ def build_workload(args: WorkloadArgs) -> list[BenchRequest]:
         raise WorkloadError(f"unknown --dataset-name {args.dataset_name!r}; expected one of {', '.join(DATASETS)}")
     rng = random.Random(args.seed)
     text = TextSource(args.tokenizer)
-    images = _Images(random.Random(args.seed + 1), args.image_reuse, args.image_salt)
+    images = _Images(args.seed + 1, args.image_reuse, args.image_salt)
     buckets = parse_buckets(args.random_mm_bucket_config) if args.dataset_name == "random-mm" else []
     out = []
     for i in range(args.num_prompts):

@@ -51,6 +51,18 @@ def test_images_are_photographs_of_the_bucket_size_and_unique():
             assert px.std() > 10  # a photograph, not a solid colour
 
 
+def test_image_salt_changes_every_image_but_not_the_shape():
+    """Servers hash image bytes (mm_hash = sha256): a sweep's next rate must miss the cache."""
+    a = build_workload(WorkloadArgs(dataset_name="sharegpt4o-like", num_prompts=12, image_reuse=0.5))
+    b = build_workload(WorkloadArgs(dataset_name="sharegpt4o-like", num_prompts=12, image_reuse=0.5, image_salt=1))
+    assert not {k for r in a for k in r.image_keys} & {k for r in b for k in r.image_keys}
+    assert [(r.prompt, r.image_sizes, len(set(r.image_keys))) for r in a] == [
+        (r.prompt, r.image_sizes, len(set(r.image_keys))) for r in b]
+    reused = [[k in {x for q in reqs[:i] for x in q.image_keys} for k in r.image_keys] for reqs in (a, b)
+              for i, r in enumerate(reqs)]
+    assert reused[:12] == reused[12:]  # the same requests repeat an earlier image
+
+
 def test_image_reuse_repeats_earlier_images():
     reqs = build_workload(WorkloadArgs(dataset_name="sharegpt4o-like", num_prompts=40, image_reuse=0.5))
     seen, repeats = set(), 0
