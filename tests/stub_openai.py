@@ -13,6 +13,7 @@ closes the connection without ``[DONE]``.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 
 from aiohttp import web
@@ -21,11 +22,12 @@ MODEL = "stub-model"
 
 
 def make_app(fail_every: int = 0, midstream_every: int = 0, cut_every: int = 0,
-             hf_style: bool = False) -> web.Application:
+             hf_style: bool = False, token_delay_s: float = 0.0) -> web.Application:
     """The stub's aiohttp application (see the module docstring for the failure knobs).
 
     ``hf_style``: end streams as ``transformers serve`` does — the last chunk carries
-    ``finish_reason`` and usage, and no ``[DONE]`` follows."""
+    ``finish_reason`` and usage, and no ``[DONE]`` follows. ``token_delay_s``: sleep before each
+    token (then each token is its own write)."""
     state = {"n": 0}
 
     async def models(_request: web.Request) -> web.Response:
@@ -49,6 +51,9 @@ def make_app(fail_every: int = 0, midstream_every: int = 0, cut_every: int = 0,
         for i in range(tokens):
             chunk = head | {"choices": [{"index": 0, "delta": {"content": f"w{i} "}, "finish_reason": None}]}
             parts.append(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+            if token_delay_s:
+                await asyncio.sleep(token_delay_s)
+                await resp.write(parts.pop())
             if (midstream_every and n % midstream_every == 0) or (cut_every and n % cut_every == 0):
                 break
         await resp.write(b"".join(parts))
@@ -80,8 +85,10 @@ def main() -> None:
     p.add_argument("--fail-every", type=int, default=0)
     p.add_argument("--midstream-every", type=int, default=0)
     p.add_argument("--cut-every", type=int, default=0)
+    p.add_argument("--token-delay", type=float, default=0.0, help="seconds before each token")
     a = p.parse_args()
-    web.run_app(make_app(a.fail_every, a.midstream_every, a.cut_every), host=a.host, port=a.port,
+    web.run_app(make_app(a.fail_every, a.midstream_every, a.cut_every, token_delay_s=a.token_delay),
+                host=a.host, port=a.port,
                 print=None, access_log=None)
 
 

@@ -290,3 +290,41 @@ def test_bad_input_is_one_line_and_exit_2(stub_url, capsys, argv, message):
     assert _cli("bench", "serve", *base, *argv, "--disable-tqdm", "--num-prompts", "2") == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert message in err[-1] and len([e for e in err if e.startswith(("epd bench serve", "usage", "epd"))]) >= 1
+
+
+def test_ctrl_c_stops_the_run_and_still_writes_what_was_measured(tmp_path):
+    """SIGINT mid-run: exit 130, the finished requests are in the JSON, the rest are unfinished."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import free_port
+
+    port = free_port()
+    stub = subprocess.Popen([sys.executable, "-m", "tests.stub_openai", "--port", str(port), "--token-delay", "0.05"])
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(100):
+            try:
+                import urllib.request
+
+                urllib.request.urlopen(f"{url}/v1/models", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.1)
+        bench = subprocess.Popen(
+            [sys.executable, "-m", "epd.cli", "bench", "serve", "--base-url", url, "--dataset-name", "random-mm",
+             "--random-mm-base-items-per-request", "0", "--random-output-len", "10", "--num-prompts", "200",
+             "--request-rate", "10", "--save-result", "--result-dir", str(tmp_path), "--result-filename", "r.json",
+             "--disable-tqdm"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(4)
+        bench.send_signal(signal.SIGINT)
+        out, err = bench.communicate(timeout=30)
+    finally:
+        stub.terminate()
+        stub.wait(10)
+    assert bench.returncode == 130, err[-1500:]
+    res = json.loads((tmp_path / "r.json").read_text())
+    assert res["interrupted"] is True and res["completed"] >= 5 and res["failed"] == 0
+    assert res["completed"] + res["unfinished"] == 200 and "Interrupted" in out
