@@ -269,7 +269,8 @@ def sweep_outputs(rows: list[dict], args: argparse.Namespace, slo: dict[str, flo
         title = f"{sc} · {model_dir.name} · {len(os.sched_getaffinity(0))} cores · {slo_text(slo)}"
         series = {r["deployment"]: [(e["request_rate"], e["slo_attainment"]) for e in r["sweep"]] for r in mine}
         png = plots.attainment_vs_rate(series, {r["deployment"]: r["goodput"] for r in mine}, args.goodput_target,
-                                       title, out_dir / f"attainment-{sc}.png")
+                                       title, out_dir / f"attainment-{sc}.png",
+                                       {r["deployment"]: r["goodput_how"] for r in mine})
         cdf = plots.latency_cdf({f"{r['deployment']} @ {rate:g}/s": v for r in mine for rate, v in r["cdfs"].items()},
                                 f"{sc} · {model_dir.name}: latency CDF", out_dir / f"cdf-{sc}.png")
         print(f"plots: {png} {cdf}")

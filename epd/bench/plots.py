@@ -24,18 +24,20 @@ def _plt():
 
 
 def attainment_vs_rate(series: dict[str, list[tuple[float, float]]], goodput: dict[str, float | None],
-                       target: float, title: str, out: Path) -> Path:
-    """Plot ``{label: [(rate req/s, attainment 0..1), …]}`` with the target line; returns ``out``."""
+                       target: float, title: str, out: Path, how: dict[str, str] | None = None) -> Path:
+    """Plot ``{label: [(rate req/s, attainment 0..1), …]}`` with the target line and each
+    label's goodput (``how[label] == "lower-bound"`` is drawn as ``≥``); returns ``out``."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
-    for label, pts in series.items():
+    for i, (label, pts) in enumerate(series.items()):
         pts = sorted(pts)
         line, = ax.plot([r for r, _ in pts], [a * 100 for _, a in pts], marker="o", label=label)
         g = goodput.get(label)
         if g is not None:
+            ge = "≥ " if (how or {}).get(label) == "lower-bound" else ""
             ax.axvline(g, color=line.get_color(), linestyle=":", linewidth=1)
-            ax.annotate(f"goodput {g:.2f}", (g, target * 100), textcoords="offset points", xytext=(4, -14),
-                        fontsize=8, color=line.get_color())
+            ax.annotate(f"{label}: goodput {ge}{g:.2f}", (g, target * 100), textcoords="offset points",
+                        xytext=(-4, -16 - 13 * i), ha="right", fontsize=8, color=line.get_color())
     ax.axhline(target * 100, color="grey", linestyle="--", linewidth=1, label=f"target {target:.0%}")
     ax.set_xlabel("request rate (req/s)")
     ax.set_ylabel("SLO attainment (%)")

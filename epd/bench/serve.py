@@ -365,7 +365,8 @@ async def _serve(args: argparse.Namespace) -> int:
             if args.sweep_rates:
                 att = plots.attainment_vs_rate({label: points}, {label: result.get("goodput")},
                                                args.goodput_target, f"{title}: attainment of {slo_text(slo)}",
-                                               path.with_suffix(".attainment.png"))
+                                               path.with_suffix(".attainment.png"),
+                                               {label: result.get("goodput_how", "")})
                 print(f"plot: {att}")
         except RuntimeError as exc:  # matplotlib missing: the JSON is still there
             print(f"no plots: {exc}", file=sys.stderr)
