@@ -110,10 +110,11 @@ def start_ours(topology: str, model: Path, log_dir: Path, startup_timeout_s: flo
     port = free_port()
     log = log_dir / f"{topology.replace('(', '').replace(')', '')}.log"
     env = {**os.environ, "EPD_RESTART": "no"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "epd.cli", "up", "--topology", topology, "--port", str(port), "--model", str(model)],
-        stdout=open(log, "wb"), stderr=subprocess.STDOUT, env=env, start_new_session=True,
-    )
+    with open(log, "wb") as out:  # the child keeps its own descriptor
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "epd.cli", "up", "--topology", topology, "--port", str(port), "--model", str(model)],
+            stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+        )
     run = Running(topology, proc, f"http://127.0.0.1:{port}", log)
     topo = parse_topology(topology)
     want = {r: topo.count(r) for r in ("encoder", "prefill", "decode")}
@@ -145,12 +146,16 @@ def start_peer_server(model: Path, log_dir: Path, dtype: str, startup_timeout_s:
 
 
 def encoder_threads(topology: str) -> int:
-    """Torch threads the launcher gives the (first) encoder process of ``topology`` here."""
+    """Torch threads the launcher gives the (first) encoder process of ``topology`` here
+    (``EPD_TORCH_THREADS`` when the user set it, as ``epd up`` does, else the core split)."""
+    from epd.config import LauncherConfig, load
     from epd.cores import split_cores, usable_cores
     from epd.topology import parse_topology
 
     topo = parse_topology(topology)
-    threads = split_cores([p.roles for p in topo.processes], usable_cores())
+    override = load(LauncherConfig).torch_threads
+    threads = ([override] * len(topo.processes) if override
+               else split_cores([p.roles for p in topo.processes], usable_cores()))
     for spec, n in zip(topo.processes, threads, strict=True):
         if "encoder" in spec.roles:
             return n
