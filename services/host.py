@@ -6,7 +6,9 @@ the one place that knows every service, so no service imports another.
 
 Co-located roles get their own inbox, queue, loop thread and registry entry (instance id
 ``<EPD_INSTANCE_ID>-<role>``; with a fixed ``EPD_PORT`` the i-th role binds ``EPD_PORT + i``)
-and share one loaded model (``Qwen2VLAdapter``) among the Procs that accept ``adapter=``.
+and share one loaded model (``Qwen2VLAdapter``) among the Procs that accept ``adapter=``: it
+holds the union of those roles' weights (``role_parts``: EP loads vision + language, PD the
+language model only), loaded once.
 """
 
 from __future__ import annotations
@@ -52,14 +54,16 @@ def _takes_adapter(cls: type) -> bool:
     return "adapter" in inspect.signature(cls.__init__).parameters
 
 
-def _shared_adapter(cfg: config.CommonConfig, classes: list[type]):
-    """One model for the co-located roles whose Procs take ``adapter=`` (when two or more do)."""
-    if sum(_takes_adapter(c) for c in classes) < 2:
+def _shared_adapter(cfg: config.CommonConfig, roles: tuple[str, ...], classes: list[type]):
+    """One model for the co-located roles whose Procs take ``adapter=`` (when two or more do),
+    holding the union of the weights those roles need."""
+    sharing = [r for r, c in zip(roles, classes, strict=True) if _takes_adapter(c)]
+    if len(sharing) < 2:
         return None
     from epd.device import torch_dtype
-    from epd.models.qwen2_vl import Qwen2VLAdapter
+    from epd.models.qwen2_vl import Qwen2VLAdapter, role_parts
 
-    return Qwen2VLAdapter.load(cfg.model, dtype=torch_dtype(cfg.dtype))
+    return Qwen2VLAdapter.load(cfg.model, dtype=torch_dtype(cfg.dtype), parts=role_parts(*sharing))
 
 
 def run(roles: tuple[str, ...]) -> int:
@@ -75,7 +79,7 @@ def run(roles: tuple[str, ...]) -> int:
     logger.info("torch threads: %d intra-op, %d inter-op", intra, inter)
     connect_registry(configs[0].redis_url, configs[0].redis_retry_s)  # fail fast, before the weights load
     classes = [getattr(importlib.import_module(_PROCS[r][1]), _PROCS[r][2]) for r in roles]
-    adapter = _shared_adapter(configs[0], classes)
+    adapter = _shared_adapter(configs[0], roles, classes)
     procs = [
         cls(cfg, adapter=adapter) if adapter is not None and _takes_adapter(cls) else cls(cfg)
         for cls, cfg in zip(classes, configs, strict=True)

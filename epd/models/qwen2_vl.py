@@ -15,15 +15,25 @@ Services call four operations, each a slice of ``Qwen2VLForConditionalGeneration
   ``(k, v)`` tensors ↔ the model's ``transformers.DynamicCache``.
 
 Greedy decoding through these equals ``model.generate(do_sample=False)`` token for token
-(tests/unit/test_qwen2_vl_adapter.py). Loading is plain ``from_pretrained(model_dir)``, so a
-real Qwen2-VL checkpoint directory works unchanged. The image processor comes from
-``AutoImageProcessor`` rather than ``AutoProcessor``: without torchvision the latter fails on
-Qwen2-VL's video processor, while the former falls back to ``Qwen2VLImageProcessorPil``.
+(tests/unit/test_qwen2_vl_adapter.py). The image processor comes from ``AutoImageProcessor``
+rather than ``AutoProcessor``: without torchvision the latter fails on Qwen2-VL's video
+processor, while the former falls back to ``Qwen2VLImageProcessorPil``.
+
+Per-role weights (DESIGN §7): :meth:`Qwen2VLAdapter.load` takes the ``parts`` to load —
+``"vision"`` (``model.visual``: patch embedding, ViT blocks, merger) and/or ``"language"``
+(``model.language_model``: embeddings, decoder layers, norm, rotary; and ``lm_head``).
+:func:`role_parts` maps roles to parts: the encoder loads vision only, prefill and decode
+language only, co-located roles the union. The input stays an HF checkpoint directory (single
+or sharded safetensors, hub key layout or module names; ``epd.models.weights``); the
+``Qwen2VLForConditionalGeneration`` is built as a meta-device skeleton and only the loaded
+parts get memory, the others are :class:`~epd.models.weights.MissingPart` placeholders.
+Loaded parts hold bit-for-bit the tensors ``from_pretrained`` would (tests/unit/test_role_weights.py).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -32,14 +42,47 @@ import torch
 
 from epd.device import get_device
 from epd.models.geometry import ImageGeometry
+from epd.models.weights import Checkpoint, MissingPart, PartNotLoadedError, build_empty
 
 if TYPE_CHECKING:
     from PIL.Image import Image
-    from transformers import DynamicCache
+    from transformers import DynamicCache, Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
-__all__ = ["ImageGeometry", "LayerKV", "PrefillOutput", "Qwen2VLAdapter"]
+__all__ = [
+    "ALL_PARTS", "LANGUAGE", "VISION", "ImageGeometry", "LayerKV", "PartNotLoadedError", "PrefillOutput",
+    "Qwen2VLAdapter", "role_parts",
+]  # fmt: skip
 
 log = logging.getLogger(__name__)
+
+VISION = "vision"
+LANGUAGE = "language"
+ALL_PARTS = frozenset({VISION, LANGUAGE})
+#: The parts each role computes with (DESIGN §7).
+ROLE_PARTS = {"encoder": frozenset({VISION}), "prefill": frozenset({LANGUAGE}), "decode": frozenset({LANGUAGE})}
+
+#: Checkpoint key -> module name, first match wins (transformers' ``conversion_mapping`` for
+#: ``Qwen2VLForConditionalGeneration``): hub checkpoints and transformers 5's ``save_pretrained``
+#: write ``visual.*``, ``model.*`` (the LM) and ``lm_head.*``; keys already in module names
+#: (``model.visual.*``, ``model.language_model.*``) pass through unchanged.
+_KEY_RENAMES = (
+    (r"^visual\.", "model.visual."),
+    (r"^model\.(?!language_model\.|visual\.)", "model.language_model."),
+)
+_STALE_KEYS = (r"rotary_emb\.inv_freq$",)  # old checkpoints saved this buffer; transformers skips it too
+
+
+def role_parts(*roles: str) -> frozenset[str]:
+    """The parts (``"vision"``, ``"language"``) that ``roles`` (``encoder``, ``prefill``, ``decode``) need, united.
+
+    Raises:
+        ValueError: an unknown role, or no role.
+    """
+    unknown = [r for r in roles if r not in ROLE_PARTS]
+    if unknown or not roles:
+        raise ValueError(f"roles {roles!r}: expected one or more of {', '.join(ROLE_PARTS)}")
+    return frozenset().union(*(ROLE_PARTS[r] for r in roles))
+
 
 #: Per-layer KV: ``(k, v)``, each ``[num_kv_heads, seq_len, head_dim]``, adapter dtype, on the device.
 LayerKV = tuple[torch.Tensor, torch.Tensor]
@@ -66,11 +109,21 @@ class Qwen2VLAdapter:
 
     Build with :meth:`load`. Attributes describe the geometry services size buffers with:
     ``image_token_id``, ``eos_token_ids``, ``num_layers``, ``num_kv_heads``, ``head_dim``,
-    ``hidden_size``, ``vocab_size``, ``dtype``, ``device``, ``geometry`` (:class:`ImageGeometry`).
+    ``hidden_size``, ``vocab_size``, ``dtype``, ``device``, ``geometry`` (:class:`ImageGeometry`),
+    and ``parts``, the weights it holds (a method needing another part raises
+    :class:`~epd.models.weights.PartNotLoadedError`).
     """
 
-    def __init__(self, model, image_processor, geometry: ImageGeometry, eos_token_ids: tuple[int, ...]):
+    def __init__(
+        self,
+        model,
+        image_processor,
+        geometry: ImageGeometry,
+        eos_token_ids: tuple[int, ...],
+        parts: frozenset[str] = ALL_PARTS,
+    ):
         cfg = model.config
+        self.parts = parts
         text = cfg.text_config
         self.model = model
         self.image_processor = image_processor
@@ -87,40 +140,59 @@ class Qwen2VLAdapter:
         self.device: torch.device = model.device
 
     @classmethod
-    def load(cls, model_dir: str | Path, dtype: torch.dtype = torch.float32) -> Qwen2VLAdapter:
-        """Load weights, image processor and token ids from a checkpoint directory.
+    def load(
+        cls, model_dir: str | Path, dtype: torch.dtype = torch.float32, parts: Iterable[str] = ALL_PARTS
+    ) -> Qwen2VLAdapter:
+        """Load the weights of ``parts``, the image processor and token ids from a checkpoint directory.
 
-        Uses ``Qwen2VLForConditionalGeneration.from_pretrained`` and
-        ``AutoImageProcessor.from_pretrained`` (PIL backend when torchvision is missing), so any
-        HF Qwen2-VL directory (``config.json``, ``*.safetensors``, ``preprocessor_config.json``,
-        optional ``generation_config.json``) works. EOS ids come from the generation config,
-        else from ``text_config.eos_token_id``.
+        Any HF Qwen2-VL directory works (``config.json``, ``model.safetensors`` or a sharded
+        ``model.safetensors.index.json``, ``preprocessor_config.json``, optional
+        ``generation_config.json``); only the tensors of ``parts`` are read. The image processor
+        is ``AutoImageProcessor`` (PIL backend when torchvision is missing). EOS ids come from
+        the generation config, else from ``text_config.eos_token_id``.
 
         Args:
             model_dir: checkpoint directory.
             dtype: parameter and activation dtype (``torch.float32`` default; ``bfloat16`` on GPUs).
+            parts: ``"vision"`` (:meth:`encode`) and/or ``"language"`` (:meth:`prompt_inputs`,
+                :meth:`prefill`, :meth:`decode_step`, ``Qwen2VLRunner``); see :func:`role_parts`.
+                Default: both (the whole model, e.g. for ``generate()``).
 
         Raises:
-            OSError: missing or unreadable checkpoint files (from transformers).
-            FileNotFoundError: no ``preprocessor_config.json``.
+            ValueError: an unknown or empty ``parts``; a checkpoint lacking a tensor of a part.
+            FileNotFoundError: no safetensors checkpoint or no ``preprocessor_config.json``.
+            OSError: unreadable checkpoint files.
         """
-        from transformers import AutoImageProcessor, Qwen2VLForConditionalGeneration
+        from transformers import AutoImageProcessor, Qwen2VLConfig
 
+        parts = frozenset(parts)
+        if not parts or not parts <= ALL_PARTS:
+            raise ValueError(f"parts {sorted(parts)}: expected a non-empty subset of {sorted(ALL_PARTS)}")
         model_dir = Path(model_dir)
-        model = Qwen2VLForConditionalGeneration.from_pretrained(model_dir, dtype=dtype)
-        model.to(get_device()).eval().requires_grad_(False)
+        model, nbytes = _build_model(model_dir, Qwen2VLConfig.from_pretrained(model_dir), parts, dtype, get_device())
+        model.eval().requires_grad_(False)
         image_processor = AutoImageProcessor.from_pretrained(model_dir)
         eos = model.generation_config.eos_token_id
         if eos is None:
             eos = model.config.text_config.eos_token_id
         eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (int(eos),)
-        adapter = cls(model, image_processor, ImageGeometry.from_model_dir(model_dir), eos_ids)
+        adapter = cls(model, image_processor, ImageGeometry.from_model_dir(model_dir), eos_ids, parts)
         log.info(
-            "loaded %s: %d layers, %d kv heads x %d, hidden %d, vocab %d, %s on %s, image processor %s",
-            model_dir, adapter.num_layers, adapter.num_kv_heads, adapter.head_dim, adapter.hidden_size,
-            adapter.vocab_size, dtype, adapter.device, type(image_processor).__name__,
+            "loaded %s (%s: %.1f MB): %d layers, %d kv heads x %d, hidden %d, vocab %d, %s on %s, image processor %s",
+            model_dir, "+".join(sorted(parts)), nbytes / 2**20, adapter.num_layers, adapter.num_kv_heads,
+            adapter.head_dim, adapter.hidden_size, adapter.vocab_size, dtype, adapter.device,
+            type(image_processor).__name__,
         )  # fmt: skip
         return adapter
+
+    def require(self, part: str, operation: str) -> None:
+        """Raise :class:`PartNotLoadedError` unless ``part`` was loaded; ``operation`` names the caller."""
+        if part not in self.parts:
+            raise PartNotLoadedError(
+                f"{operation} needs the {part!r} weights, but this adapter loaded only "
+                f"{', '.join(sorted(self.parts))} (Qwen2VLAdapter.load(parts=...): the encoder role loads "
+                f"{VISION!r}, prefill and decode {LANGUAGE!r})"
+            )
 
     # ----------------------------------------------------------------------------- encode
 
@@ -141,7 +213,9 @@ class Qwen2VLAdapter:
 
         Raises:
             ValueError: an image the processor rejects (e.g. aspect ratio > 200).
+            PartNotLoadedError: the adapter was loaded without the ``"vision"`` part.
         """
+        self.require(VISION, "encode")
         if not images:
             return []
         inputs = self.image_processor(images=images, return_tensors="pt")
@@ -178,6 +252,7 @@ class Qwen2VLAdapter:
             ValueError: empty prompt; features/grids count mismatch; a feature's row count differs
                 from its grid's token count; the number of ``<|image_pad|>`` tokens differs from
                 the total feature rows.
+            PartNotLoadedError: the adapter was loaded without the ``"language"`` part.
         """
         embeds, position_ids, rope_delta = self.prompt_inputs(input_ids, image_features, image_grids)
         embeds, position_ids = embeds[None], position_ids[:, None, :]
@@ -204,6 +279,7 @@ class Qwen2VLAdapter:
         Raises:
             ValueError: as :meth:`prefill`.
         """
+        self.require(LANGUAGE, "prefill")
         if not input_ids:
             raise ValueError("prefill needs at least one input token")
         ids = torch.tensor([input_ids], dtype=torch.long, device=self.device)
@@ -257,7 +333,9 @@ class Qwen2VLAdapter:
 
         Raises:
             ValueError: ``kv_cache`` holds a different number of positions than ``past_len``.
+            PartNotLoadedError: the adapter was loaded without the ``"language"`` part.
         """
+        self.require(LANGUAGE, "decode_step")
         if kv_cache.get_seq_length() != past_len:
             raise ValueError(f"cache holds {kv_cache.get_seq_length()} positions, past_len is {past_len}")
         ids = torch.tensor([[token_id]], dtype=torch.long, device=self.device)
@@ -303,3 +381,41 @@ class Qwen2VLAdapter:
     def read_cache(cache: DynamicCache) -> list[LayerKV]:
         """Per-layer ``(k, v)``, each ``[num_kv_heads, seq_len, head_dim]`` contiguous (views of the cache)."""
         return [(layer.keys[0].contiguous(), layer.values[0].contiguous()) for layer in cache.layers]
+
+
+def _build_model(
+    model_dir: Path, config: Qwen2VLConfig, parts: frozenset[str], dtype: torch.dtype, device: torch.device
+) -> tuple[Qwen2VLForConditionalGeneration, int]:
+    """``Qwen2VLForConditionalGeneration`` with only ``parts`` materialised; returns it and the bytes loaded."""
+    from transformers import GenerationConfig, Qwen2VLForConditionalGeneration
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel, Qwen2VLTextModel
+
+    ckpt = Checkpoint(model_dir, _KEY_RENAMES)
+    for cfg in (config, config.vision_config, config.text_config):
+        cfg.dtype = dtype  # as from_pretrained leaves it: the config names the weights' dtype
+    model = build_empty(lambda: Qwen2VLForConditionalGeneration(config), dtype, meta=True)
+    text, loaded = config.text_config, 0
+    if VISION in parts:
+        visual = build_empty(lambda: Qwen2VisionTransformerPretrainedModel(config.vision_config), dtype)
+        loaded += ckpt.load_into(visual, "model.visual", device=device, dtype=dtype, ignore=_STALE_KEYS)
+        model.model.visual = visual
+    else:
+        model.model.visual = MissingPart(VISION, parts)
+    if LANGUAGE in parts:
+        lm = build_empty(lambda: Qwen2VLTextModel(text), dtype)
+        loaded += ckpt.load_into(lm, "model.language_model", device=device, dtype=dtype, ignore=_STALE_KEYS)
+        head = build_empty(lambda: torch.nn.Linear(text.hidden_size, text.vocab_size, bias=False), dtype)
+        if config.tie_word_embeddings:  # Qwen2-VL-2B: lm_head shares the embedding matrix
+            head.weight = lm.embed_tokens.weight
+        else:
+            loaded += ckpt.load_into(head, "lm_head", device=device, dtype=dtype)
+        model.model.language_model, model.lm_head = lm, head
+    else:
+        model.model.language_model = model.lm_head = MissingPart(LANGUAGE, parts)
+    model.to(device)  # the buffers built on the CPU (rotary inv_freq); parameters are there already
+    left = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+    if left:
+        raise RuntimeError(f"{model_dir}: tensors left unmaterialised: {left[:5]}")
+    if (model_dir / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(model_dir)
+    return model, loaded

@@ -16,7 +16,7 @@ from epd.engine.kv_pool import KvLayout, KvPool
 from epd.engine.sampling import SamplingParams
 from epd.engine.tombstones import Tombstones
 from epd.models.qwen2_runner import Qwen2VLRunner
-from epd.models.qwen2_vl import Qwen2VLAdapter
+from epd.models.qwen2_vl import Qwen2VLAdapter, role_parts
 from epd.service import ServiceProc
 from epd.wire.gen import epd_pb2 as pb
 from services.decode.core import DecodeEngine, StepOutput
@@ -26,7 +26,9 @@ logger = logging.getLogger(__name__)
 
 class DecodeProc(ServiceProc):
     def __init__(self, config: DecodeConfig, adapter: Qwen2VLAdapter | None = None) -> None:
-        adapter = adapter or Qwen2VLAdapter.load(config.model, dtype=torch_dtype(config.dtype))
+        adapter = adapter or Qwen2VLAdapter.load(
+            config.model, dtype=torch_dtype(config.dtype), parts=role_parts("decode")
+        )
         per_block = KvLayout(
             adapter.num_layers, 1, config.kv_block_size, adapter.num_kv_heads, adapter.head_dim, config.dtype
         ).nbytes

@@ -16,7 +16,7 @@ from PIL import Image
 from epd.config import EncoderConfig
 from epd.device import torch_dtype
 from epd.engine.region_alloc import RegionFull
-from epd.models.qwen2_vl import Qwen2VLAdapter
+from epd.models.qwen2_vl import Qwen2VLAdapter, role_parts
 from epd.registry.registry import FeatureEntry, RegistryError
 from epd.service import ServiceProc
 from epd.wire.gen import epd_pb2 as pb
@@ -39,7 +39,9 @@ class EncoderProc(ServiceProc):
     def __init__(self, config: EncoderConfig, adapter: Qwen2VLAdapter | None = None) -> None:
         super().__init__(config, "encoder", config.feature_pool_mb << 20)
         self.cfg = config
-        self.adapter = adapter or Qwen2VLAdapter.load(config.model, dtype=torch_dtype(config.dtype))
+        self.adapter = adapter or Qwen2VLAdapter.load(
+            config.model, dtype=torch_dtype(config.dtype), parts=role_parts("encoder")
+        )
         self.pool = FeaturePool(self.region.tensor, on_evict=self._on_evict)
         self.queue: deque[_Job] = deque()
         self.failed: set[str] = set()

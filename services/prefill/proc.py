@@ -20,7 +20,7 @@ from epd.engine.region_alloc import RangeAllocator, RegionFull
 from epd.engine.sampling import Sampler, SamplingParams, finish_reason
 from epd.engine.tombstones import Tombstones
 from epd.models.qwen2_runner import Qwen2VLRunner
-from epd.models.qwen2_vl import Qwen2VLAdapter
+from epd.models.qwen2_vl import Qwen2VLAdapter, role_parts
 from epd.service import ServiceProc
 from epd.transfer import TransferError, TransferFuture
 from epd.wire.gen import epd_pb2 as pb
@@ -36,7 +36,9 @@ class PrefillProc(ServiceProc):
     def __init__(self, config: PrefillConfig, adapter: Qwen2VLAdapter | None = None) -> None:
         super().__init__(config, "prefill", config.prefill_buffer_mb << 20)
         self.cfg = config
-        self.adapter = adapter or Qwen2VLAdapter.load(config.model, dtype=torch_dtype(config.dtype))
+        self.adapter = adapter or Qwen2VLAdapter.load(
+            config.model, dtype=torch_dtype(config.dtype), parts=role_parts("prefill")
+        )
         self.runner = Qwen2VLRunner(self.adapter)
         self.dtype_name = str(self.adapter.dtype).removeprefix("torch.")
         self.staging = RangeAllocator(self.region.nbytes)
