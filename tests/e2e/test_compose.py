@@ -135,7 +135,8 @@ def test_compose_services_serve_an_image_request(tmp_path, redis_url, tiny_model
     port = free_port()
     overrides = {"EPD_ENCODERS": "2", "EPD_TORCH_THREADS": "1", "EPD_KV_MEMORY_MB": "64",
                  "EPD_FEATURE_POOL_MB": "64", "EPD_PREFILL_BUFFER_MB": "64",
-                 "EPD_CLUSTER_SECRET": "compose-test-cluster-secret-0123"}
+                 "EPD_CLUSTER_SECRET": "compose-test-cluster-secret-0123",
+                 "EPD_DTYPE": "float32"}  # compose's default is auto (bf16 here); exactness is checked in fp32
     specs = local_processes(overrides, url, tiny_model, port)
     assert sorted(n for n, _, _ in specs) == ["decode-0", "encoder-0", "encoder-1", "gateway-0", "prefill-0"]
     base = {k: v for k, v in os.environ.items() if not k.startswith("EPD_")}
