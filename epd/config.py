@@ -8,12 +8,13 @@ Every variable is listed in README.md ("Environment variables").
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -31,7 +32,7 @@ class CommonConfig(_Base):
     redis_url: str = Field(description="Redis registry, e.g. redis://127.0.0.1:6379/0")
     model: Path = Field(description="model directory (HF layout: config.json, safetensors, tokenizer)")
     device: str = "cpu"
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16; auto is resolved here (epd.device.resolve_dtype)
     host: str = "127.0.0.1"  # address this instance binds and advertises
     port: int = Field(0, ge=0, le=65535)  # ZeroMQ inbox port; 0 = any free port
     instance_id: str = ""
@@ -64,6 +65,17 @@ class CommonConfig(_Base):
 
             parse_roles(v)  # raises ValueError naming the unknown role
         return v
+
+    @field_validator("dtype")
+    @classmethod
+    def _dtype_resolved(cls, v: str, info: ValidationInfo) -> str:
+        """``auto`` becomes the concrete dtype for ``EPD_DEVICE`` (declared before ``dtype``)."""
+        from epd.hardware import resolve_dtype
+
+        name, reason = resolve_dtype(v, info.data.get("device", "cpu"))
+        if "slower" in reason:
+            logging.getLogger(__name__).warning("%s", reason)
+        return name
 
     @field_validator("model")
     @classmethod
@@ -133,7 +145,7 @@ class GatewayConfig(_Base):
     allow_remote_media: bool = False  # fetch http(s) image_url (size and time limits below)
     max_image_mb: int = Field(20, gt=0)  # largest local or remote image file
     media_fetch_timeout_s: float = Field(10.0, gt=0)  # whole download of one remote image
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # the stages' EPD_DTYPE (derived byte metrics)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # derived byte metrics; auto = as published
     cluster_secret: str = ""  # see CommonConfig
     cluster_secret_file: Path | None = None
     heartbeat_s: float = Field(1.0, gt=0)  # the gateway registers itself too (stages watch their reply_to)
@@ -171,6 +183,15 @@ class LauncherConfig(_Base):
     restart_backoff_s: float = Field(1.0, gt=0)  # first restart delay; doubles per crash, up to restart_backoff_max_s
     restart_backoff_max_s: float = Field(30.0, gt=0)
     torch_threads: int = Field(0, ge=0)  # set: every process gets this many; 0 = split the cores (epd.cores)
+    dtype: str = "auto"  # as CommonConfig; the launcher resolves it once and prints why
+
+    @field_validator("dtype")
+    @classmethod
+    def _dtype_known(cls, v: str) -> str:
+        from epd.hardware import resolve_dtype
+
+        resolve_dtype(v)  # raises ValueError listing the allowed names
+        return v
 
     @field_validator("topology")
     @classmethod

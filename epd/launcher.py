@@ -28,6 +28,7 @@ import platformdirs
 
 from epd.config import LauncherConfig, environ_snapshot
 from epd.cores import describe, split_cores, usable_cores
+from epd.hardware import resolve_dtype
 from epd.supervisor import ProcessSpec, Supervisor
 from epd.topology import Topology, from_counts, parse_topology
 
@@ -161,10 +162,13 @@ def up(cfg: LauncherConfig) -> int:
         redis_url = redis_srv.url
         print(f"embedded Redis at {redis_url}", flush=True)
     port = cfg.gateway_port or free_port()
+    dtype, why = resolve_dtype(cfg.dtype, cfg.device)
+    print(f"dtype {dtype} ({why})", flush=True)
     env = {
         **os.environ, **environ_snapshot(), "EPD_REDIS_URL": redis_url, "EPD_MODEL": str(model),
         "EPD_GATEWAY_PORT": str(port), "EPD_GATEWAY_HOST": cfg.gateway_host,
         "EPD_TRANSFER_BACKEND": cfg.transfer_backend, "EPD_DEVICE": cfg.device, "EPD_LOG_LEVEL": cfg.log_level,
+        "EPD_DTYPE": dtype,
         "PYTHONUNBUFFERED": "1",
     }
     root = str(Path(__file__).resolve().parents[1])

@@ -260,6 +260,7 @@ class ServiceProc:
             admin=admin,
             incarnation=self.incarnation,
             restarts=self.config.restarts,
+            dtype=self.config.dtype,
         )
         self.heartbeat = Heartbeat(
             self.registry, info, self._published_load, self.config.heartbeat_s, self.config.instance_ttl_s
@@ -270,8 +271,9 @@ class ServiceProc:
         self._watcher = threading.Thread(target=self._watch_peers, name=f"peers-{self.role}", daemon=True)
         self._watcher.start()
         self._set_state("serving")
-        logger.info("%s ready: inbox %s, transfer %s, admin %s, incarnation %s",
-                    self.instance_id, self.inbox.address, self.region.handle, admin or "-", self.incarnation)
+        logger.info("%s ready: inbox %s, transfer %s, admin %s, incarnation %s, dtype %s",
+                    self.instance_id, self.inbox.address, self.region.handle, admin or "-", self.incarnation,
+                    self.config.dtype)
 
     def _published_load(self) -> dict[str, float]:
         return {**self.load(), **self.counters}

@@ -6,6 +6,8 @@ Keys (one namespace prefix, default ``epd``):
   refreshed by the instance's heartbeat. An expired key *is* a dead instance.
 - ``{prefix}:mm:{mm_hash}`` → JSON :class:`FeatureEntry`: which encoder's pool holds an image's
   features and where; TTL set by the encoder, deleted when it evicts the entry.
+- ``{prefix}:unreach`` → hash, field ``<target>|<prober>`` → JSON :class:`epd.registry.reach.Report`:
+  a peer could not reach an instance at its advertised inbox (:mod:`epd.registry.reach`).
 
 Signed entries (DESIGN.md §9): with the cluster secret every value is
 ``{"v": <the JSON object>, "exp": <unix ms>, "sig": <hex>}`` where ``sig`` is
@@ -34,6 +36,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import redis
 
+from epd.registry.reach import ReachWatch, Report
 from epd.wire.auth import derive_key
 
 logger = logging.getLogger(__name__)
@@ -67,6 +70,8 @@ class InstanceInfo:
         incarnation: random token of this process's life; a restarted instance keeps its id but not
             its incarnation, so peers know the requests the old one held are gone.
         draining: deregistering: still alive and finishing its requests, but not to be chosen.
+        dtype: the dtype the instance computes and transfers in (``EPD_DTYPE`` resolved, e.g.
+            ``bfloat16``); "" from a process that does not compute (the gateway).
     """
 
     instance_id: str
@@ -81,6 +86,7 @@ class InstanceInfo:
     incarnation: str = ""
     draining: bool = False
     restarts: int = 0  # times the supervisor restarted this instance (EPD_RESTARTS)
+    dtype: str = ""
 
 
 @dataclass
@@ -145,6 +151,9 @@ class Registry:
     def _mm_key(self, mm_hash: str) -> str:
         return f"{self.prefix}:mm:{mm_hash}"
 
+    def _unreach_key(self) -> str:
+        return f"{self.prefix}:unreach"
+
     def _error(self, exc: redis.RedisError) -> RegistryError:
         return RegistryError(f"Redis at {redact_url(self.url)}: {exc}")
 
@@ -184,12 +193,15 @@ class Registry:
                 reason = "signature expired (an old entry written back)"
         if reason is None:
             return doc["v"]
+        self._warn_once(key, "registry entry %s ignored: %s", key, reason)
+        return None
+
+    def _warn_once(self, key: str, msg: str, *args: object) -> None:
         if key not in self._warned:
             if len(self._warned) >= _WARNED_MAX:
                 self._warned.clear()
             self._warned.add(key)
-            logger.warning("registry entry %s ignored: %s", key, reason)
-        return None
+            logger.warning(msg, *args)
 
     # -- instances ---------------------------------------------------------------------------
     def ping(self) -> None:
@@ -212,10 +224,11 @@ class Registry:
         except redis.RedisError as exc:
             raise self._error(exc) from exc
 
-    def instances(self, role: str | None = None) -> list[InstanceInfo]:
+    def instances(self, role: str | None = None, reachable_only: bool = True) -> list[InstanceInfo]:
         """Live instances (those whose TTL has not expired), optionally only those hosting ``role``.
 
-        Entries that are malformed or (with a secret) not validly signed are skipped.
+        Entries that are malformed or (with a secret) not validly signed are skipped, and so is an
+        incarnation a peer reported unreachable (:meth:`unreachable`) unless ``reachable_only`` is False.
         """
         try:
             keys = list(self.r.scan_iter(match=self._inst_key("*"), count=500))
@@ -236,7 +249,52 @@ class Registry:
                 continue
             if role is None or role in info.roles:
                 out.append(info)
+        if reachable_only and out:
+            cut = {(r.target, r.incarnation): r for r in self.unreachable()}
+            for info in [i for i in out if (i.instance_id, i.incarnation) in cut]:
+                out.remove(info)
+                r = cut[(info.instance_id, info.incarnation)]
+                self._warn_once(f"unreach:{info.instance_id}:{info.incarnation}", "instance %s left out: peer %s could "
+                                "not reach it at %s (%s)", info.instance_id, r.prober, r.address, r.error)
         return sorted(out, key=lambda i: i.instance_id)
+
+    # -- reachability reports (epd.registry.reach) ------------------------------------------
+    def put_unreachable(self, report: Report, ttl_s: float) -> None:
+        """Record (or renew) that ``report.prober`` cannot reach ``report.target``."""
+        key, field_ = self._unreach_key(), f"{report.target}|{report.prober}"
+        try:
+            pipe = self.r.pipeline(transaction=False)
+            pipe.hset(key, field_, self._encode(f"{key}:{field_}", asdict(report), ttl_s))
+            pipe.pexpire(key, int(ttl_s * 3000))  # the whole hash goes once nobody reports
+            pipe.execute()
+        except redis.RedisError as exc:
+            raise self._error(exc) from exc
+
+    def delete_unreachable(self, target: str, prober: str) -> None:
+        try:
+            self.r.hdel(self._unreach_key(), f"{target}|{prober}")
+        except redis.RedisError as exc:
+            raise self._error(exc) from exc
+
+    def unreachable(self) -> list[Report]:
+        """Reports still in force (``until_ms`` not passed; with a secret, validly signed)."""
+        try:
+            raw = self.r.hgetall(self._unreach_key())
+        except redis.RedisError as exc:
+            raise self._error(exc) from exc
+        now_ms = time.time_ns() // 1_000_000
+        out = []
+        for field_, value in raw.items():
+            key = f"{self._unreach_key()}:{field_.decode()}"
+            try:
+                obj = self._decode(key, value)
+                report = Report(**obj) if obj is not None else None
+            except (TypeError, ValueError, KeyError) as exc:
+                logger.warning("malformed registry entry %s skipped: %s", key, exc)
+                continue
+            if report is not None and report.until_ms >= now_ms:
+                out.append(report)
+        return out
 
     # -- feature cache ----------------------------------------------------------------------
     def put_feature(self, mm_hash: str, entry: FeatureEntry, ttl_s: float) -> None:
@@ -284,6 +342,9 @@ class Heartbeat(threading.Thread):
         load_fn: returns the current load dict (called from this thread: must be thread-safe).
         period_s: seconds between beats (keep well under ``ttl_s``).
         ttl_s: entry TTL; the instance counts as dead this long after its last beat.
+
+    While it runs, a :class:`epd.registry.reach.ReachWatch` (attribute ``reach``) probes the other
+    instances' advertised inboxes every ``period_s`` and reports those it cannot reach.
     """
 
     def __init__(
@@ -298,12 +359,14 @@ class Heartbeat(threading.Thread):
         self.registry, self.info, self.load_fn = registry, info, load_fn
         self.period_s, self.ttl_s = period_s, ttl_s
         self._halt = threading.Event()
+        self.reach = ReachWatch(registry, info, period_s, ttl_s)  # peers' reachability (epd.registry.reach)
 
     def beat(self) -> None:
         self.info.load = self.load_fn()
         self.registry.put_instance(self.info, self.ttl_s)
 
     def run(self) -> None:
+        self.reach.start()
         while not self._halt.wait(self.period_s):
             try:
                 self.beat()
@@ -313,6 +376,7 @@ class Heartbeat(threading.Thread):
     def stop(self, deregister: bool = True) -> None:
         """Stop beating and (by default) remove the entry at once."""
         self._halt.set()
+        self.reach.stop()
         if self.is_alive():
             self.join(timeout=self.period_s + 1)
         if deregister:

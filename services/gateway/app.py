@@ -198,6 +198,11 @@ class Gateway:
                 raise res
         return results
 
+    def stage_dtype(self, info: InstanceInfo) -> str:
+        """The dtype a stage's transfers are in: ``EPD_DTYPE`` when the gateway sets one, else what
+        the instance published (its resolved ``EPD_DTYPE``), else float32 (older entries)."""
+        return self.cfg.dtype if self.cfg.dtype != "auto" else (info.dtype or "float32")
+
     def max_tokens(self, requested: int | None, prompt_len: int) -> int:
         """The generation budget. Raises :class:`ApiError` 400 when the context cannot hold it."""
         max_tokens = requested or self.cfg.default_max_tokens
@@ -277,7 +282,8 @@ class Gateway:
         for enc_id, indices in [*by_holder.items(), *plan.encoders.items()]:
             if enc_id in plan.encoders:
                 for i in indices:
-                    adm.feature_bytes += self.prompts.feature_bytes(prompt.images[i].num_tokens, self.cfg.dtype)
+                    adm.feature_bytes += self.prompts.feature_bytes(
+                        prompt.images[i].num_tokens, self.stage_dtype(self.router.by_id[enc_id]))
                 self.metrics.instance_requests.labels(enc_id, "encoder").inc()
             # the inbox is taken now: the view may change while the sends are awaited
             sends.append((enc_id, self._send_encode(rid, plan, self.router.by_id[enc_id].inbox,

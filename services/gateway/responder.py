@@ -79,7 +79,8 @@ class Generation:
         if not self.stream.done:  # the KV went to decode: whole blocks of the prompt
             n = len(adm.prompt.token_ids)
             bs = adm.plan.decode.capacity.get("block_size", 1) or 1
-            gw.metrics.transfer_bytes.labels("kv").inc(-(-n // bs) * bs * gw.prompts.kv_bytes_per_token(gw.cfg.dtype))
+            per_token = gw.prompts.kv_bytes_per_token(gw.stage_dtype(adm.plan.prefill))
+            gw.metrics.transfer_bytes.labels("kv").inc(-(-n // bs) * bs * per_token)
 
     def close(self, reason: str | None, abort_reason: str | None) -> None:
         """Release the attempt (aborting it in every stage when ``abort_reason``) and record the

@@ -80,3 +80,24 @@ def test_advertised_host(model_dir):
     assert advertised_host(load(**base, host="10.1.2.3")) == "10.1.2.3"
     assert advertised_host(load(**base, host="0.0.0.0", advertise_host="epd-1")) == "epd-1"
     assert advertised_host(load(**base, host="0.0.0.0")) not in ("", "0.0.0.0")  # this host's address
+
+
+def test_dtype_auto_follows_the_hardware(model_dir, monkeypatch):
+    from epd import hardware
+
+    # a CPU with native bf16 GEMMs → bfloat16; without → float32; any accelerator → bfloat16
+    monkeypatch.setattr(hardware, "cpu_bf16_flags", lambda: ("avx512_bf16",))
+    assert load(redis_url="redis://x:1/0", model=model_dir).dtype == "bfloat16"
+    monkeypatch.setattr(hardware, "cpu_bf16_flags", lambda: ())
+    assert load(redis_url="redis://x:1/0", model=model_dir).dtype == "float32"
+    assert hardware.resolve_dtype("auto", "cuda:0")[0] == "bfloat16"
+    assert load(redis_url="redis://x:1/0", model=model_dir, dtype="float32").dtype == "float32"
+    name, why = hardware.resolve_dtype("bfloat16", "cpu")
+    assert name == "bfloat16" and "slower than float32" in why  # it works, slowly, and says so
+
+
+def test_unknown_dtype_lists_the_allowed_values(model_dir):
+    with pytest.raises(config.ConfigError, match=r"EPD_DTYPE.*auto, float32, bfloat16, float16"):
+        load(redis_url="redis://x:1/0", model=model_dir, dtype="fp8")
+    with pytest.raises(config.ConfigError, match="EPD_DTYPE"):
+        load(config.LauncherConfig, dtype="int4")
