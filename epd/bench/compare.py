@@ -98,8 +98,26 @@ def free_port() -> int:
     return _free()
 
 
+def split_deployment(name: str) -> tuple[str, str]:
+    """``"E-P-D@float32"`` → ``("E-P-D", "float32")``; no ``@`` → the resolved ``EPD_DTYPE``
+    (``auto``: bfloat16 on a CPU with native bf16 GEMMs, as ``epd up`` picks).
+
+    Raises:
+        ValueError: an unknown dtype or topology.
+    """
+    from epd.config import LauncherConfig, load
+    from epd.hardware import resolve_dtype
+    from epd.topology import parse_topology
+
+    topology, _, dtype = name.partition("@")
+    parse_topology(topology)
+    cfg = load(LauncherConfig)
+    return topology, resolve_dtype(dtype or cfg.dtype, cfg.device)[0]
+
+
 def start_ours(topology: str, model: Path, log_dir: Path, startup_timeout_s: float) -> Running:
     """``epd up --topology T`` on a free port in its own process group; returns once it serves.
+    ``topology`` may carry a dtype, ``T@float32`` (:func:`split_deployment`).
 
     Raises:
         EndpointError: it exited or was not ready within ``startup_timeout_s``.
@@ -108,15 +126,16 @@ def start_ours(topology: str, model: Path, log_dir: Path, startup_timeout_s: flo
     from epd.topology import parse_topology
 
     port = free_port()
-    log = log_dir / f"{topology.replace('(', '').replace(')', '')}.log"
-    env = {**os.environ, "EPD_RESTART": "no"}
+    log = log_dir / f"{topology.replace('(', '').replace(')', '').replace('@', '-')}.log"
+    shape, dtype = split_deployment(topology)
+    env = {**os.environ, "EPD_RESTART": "no", "EPD_DTYPE": dtype}
     with open(log, "wb") as out:  # the child keeps its own descriptor
         proc = subprocess.Popen(
-            [sys.executable, "-m", "epd.cli", "up", "--topology", topology, "--port", str(port), "--model", str(model)],
+            [sys.executable, "-m", "epd.cli", "up", "--topology", shape, "--port", str(port), "--model", str(model)],
             stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
         )
     run = Running(topology, proc, f"http://127.0.0.1:{port}", log)
-    topo = parse_topology(topology)
+    topo = parse_topology(shape)
     want = {r: topo.count(r) for r in ("encoder", "prefill", "decode")}
     deadline = time.monotonic() + startup_timeout_s
     while time.monotonic() < deadline:
@@ -152,7 +171,7 @@ def encoder_threads(topology: str) -> int:
     from epd.cores import split_cores, usable_cores
     from epd.topology import parse_topology
 
-    topo = parse_topology(topology)
+    topo = parse_topology(split_deployment(topology)[0])
     override = load(LauncherConfig).torch_threads
     threads = ([override] * len(topo.processes) if override
                else split_cores([p.roles for p in topo.processes], usable_cores()))
@@ -289,11 +308,9 @@ def main_compare(args: argparse.Namespace) -> int:
         unknown = [s for s in scenarios if s not in SCENARIOS]
         if unknown:
             raise WorkloadError(f"unknown scenario(s) {', '.join(unknown)}; expected {', '.join(SCENARIOS)}")
-        from epd.topology import parse_topology
-
         for d in deployments:
             if d != PEER:
-                parse_topology(d)
+                split_deployment(d)
         model_dir = Path(args.model)
         if not (model_dir / "config.json").is_file():
             raise WorkloadError(f"--model {model_dir}: not a model directory (no config.json)")
@@ -304,25 +321,26 @@ def main_compare(args: argparse.Namespace) -> int:
     except (WorkloadError, ValueError) as exc:
         print(f"epd bench compare: {exc}", file=sys.stderr)
         return 2
+    peer_dtype = args.peer_dtype if args.peer_dtype != "auto" else split_deployment("EPD")[1]
     out_dir = Path(args.result_dir)
     (out_dir / "logs").mkdir(parents=True, exist_ok=True)
-    limits: dict[tuple[str, int], float] = {}
+    limits: dict[tuple[str, int, str], float] = {}
     if args.encode_limit:  # measured first, on an idle machine (a deployment that is up skews it)
         for dep in deployments:
             for sc in scenarios:
                 if sc == "decode-heavy" or dep == PEER:
                     continue
-                key = (sc, encoder_threads(dep))
+                key = (sc, encoder_threads(dep), split_deployment(dep)[1])
                 if key not in limits:
-                    print(f"--- encode-bound limit: {sc} on {key[1]} thread(s)", flush=True)
+                    print(f"--- encode-bound limit: {sc} on {key[1]} thread(s), {key[2]}", flush=True)
                     limits[key] = encode_seconds(model_dir, scenario_workload(scenario_args(args, sc), sc, model_dir),
-                                                 key[1])
+                                                 key[1], key[2])
     rows: list[dict] = []
     texts: dict[tuple[str, str], list[str]] = {}
     for dep in deployments:
         print(f"--- {dep}: starting", flush=True)
         try:
-            run = (start_peer_server(model_dir, out_dir / "logs", args.peer_dtype, args.startup_timeout)
+            run = (start_peer_server(model_dir, out_dir / "logs", peer_dtype, args.startup_timeout)
                    if dep == PEER else start_ours(dep, model_dir, out_dir / "logs", args.startup_timeout))
         except (EndpointError, RuntimeError, OSError) as exc:
             print(f"--- {dep}: could not start: {exc}", file=sys.stderr)
@@ -331,7 +349,7 @@ def main_compare(args: argparse.Namespace) -> int:
             for sc in scenarios:
                 res, gen = asyncio.run(_bench(run, args, sc, model_dir, slo, percentiles))
                 row = {"scenario": sc, "deployment": dep} | res
-                key = (sc, encoder_threads(dep)) if dep != PEER else None
+                key = (sc, encoder_threads(dep), split_deployment(dep)[1]) if dep != PEER else None
                 if key in limits:
                     threads = key[1]
                     row["encoder_threads"] = threads
@@ -369,9 +387,11 @@ def add_compare_parser(sub) -> None:
                        description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="model directory (the same for every deployment)")
     p.add_argument("--deployments", default=f"E-P-D,EP-D,(E-P)-D,EPD,{PEER}",
-                   help=f"comma-separated topologies and/or {PEER}")
+                   help=f"comma-separated topologies (optionally @dtype: E-P-D@float32) and/or {PEER}")
     p.add_argument("--scenarios", default=",".join(SCENARIOS), help=f"comma-separated: {', '.join(SCENARIOS)}")
-    p.add_argument("--peer-dtype", default="float32", help="dtype of transformers serve (ours: EPD_DTYPE)")
+    p.add_argument("--peer-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="dtype of transformers serve; auto: what EPD_DTYPE=auto picks here (ours: EPD_DTYPE, "
+                        "or per deployment as TOPOLOGY@DTYPE, e.g. E-P-D@float32)")
     p.add_argument("--startup-timeout", type=float, default=300.0, help="seconds for a deployment to come up")
     p.add_argument("--no-encode-limit", dest="encode_limit", action="store_false",
                    help="skip measuring the encode-bound limit")

@@ -72,6 +72,25 @@ class Qwen2VLRunner:
         x = x + layer.self_attn.o_proj(attn_out.reshape(x.shape[0], -1))
         return x + layer.mlp(layer.post_attention_layernorm(x))
 
+    def _attend_each(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lens: list[int]) -> torch.Tensor:
+        """Decode attention of a bf16/fp16 batch, one request at a time over exactly its context.
+
+        ``q [B, heads, D]``, ``keys/values [B, L, kv_heads, D]`` (padded to the batch's widest
+        block table), ``lens`` each request's context length → ``[B, heads, D]`` in ``q``'s dtype.
+        Each request sees only its own ``lens[b]`` positions, so its result does not depend on
+        the batch's padding (a masked batched kernel reduces over a padded width and rounds
+        differently: measured 1 bf16 ulp). Computed in float32 (upcast q/K/V, 4-D SDPA with GQA):
+        torch 2.13's CPU SDPA kernel for bf16 with one query is 6-8x slower than its float32
+        kernel here (``benchmarks/bf16_agreement.py``, README "Dtype").
+        """
+        return torch.cat([
+            F.scaled_dot_product_attention(
+                q[b:b + 1, :, None, :].float(), keys[b:b + 1, :n].transpose(1, 2).float(),
+                values[b:b + 1, :n].transpose(1, 2).float(), scale=self.scaling, enable_gqa=True,
+            )[:, :, 0].to(q.dtype)
+            for b, n in enumerate(lens)
+        ])
+
     def _cos_sin(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cos, sin = self.rotary(x[None], positions[:, None, :])  # [1, T, D]
         return cos[0], sin[0]
@@ -138,6 +157,14 @@ class Qwen2VLRunner:
         Returns:
             ``[B, vocab]`` logits.
         """
+        if token_ids.shape[0] == 1 and self.dtype != torch.float32:
+            # A one-row bf16/fp16 GEMM takes oneDNN's GEMV path, which rounds differently from the
+            # GEMM path every batch of ≥ 2 rows takes (measured: ≥ 2 rows are row-for-row equal).
+            # Running a lone request as two identical rows keeps its tokens independent of whether
+            # it had company. Both rows write the same K/V into the same slot.
+            two = self.decode(*(t.expand(2, *t.shape[1:]) for t in (token_ids, rope_positions)), kv,
+                              block_tables.expand(2, -1), slots.expand(2))
+            return two[:1]
         bsz = token_ids.shape[0]
         block_size = kv.shape[3]
         max_len = block_tables.shape[1] * block_size
@@ -146,6 +173,8 @@ class Qwen2VLRunner:
         rows = torch.arange(bsz, device=self.device)
         slot_blocks = block_tables[rows, slots // block_size]
         slot_offsets = slots % block_size
+        exact = self.dtype != torch.float32
+        lens = (slots + 1).tolist() if exact else []
         padding = (torch.arange(max_len, device=self.device)[None, :] > slots[:, None])[:, None, :]  # [B, 1, L]
         group = self.num_heads // self.num_kv_heads
         shape = (bsz, max_len, self.num_kv_heads, self.head_dim)
@@ -155,13 +184,17 @@ class Qwen2VLRunner:
             kv[i, 1, slot_blocks, slot_offsets] = v
             keys = kv[i, 0][block_tables].view(shape)  # [B, L, kv_heads, D], gathered from the blocks
             values = kv[i, 1][block_tables].view(shape)
-            q_groups = q.view(bsz, self.num_kv_heads, group, self.head_dim)
-            # One query per request: per KV head, [B, group, D] x [B, D, L] batched GEMMs on strided
-            # views of the gathered blocks (no K/V repeat, no transpose copies).
-            heads = []
-            for h in range(self.num_kv_heads):
-                scores = torch.bmm(q_groups[:, h], keys[:, :, h].transpose(1, 2)) * self.scaling
-                probs = torch.softmax(scores.masked_fill(padding, float("-inf")), dim=-1)
-                heads.append(torch.bmm(probs, values[:, :, h]))  # [B, group, D]
-            x = self._finish_layer(layer, x, torch.stack(heads, 1).reshape(bsz, self.num_heads, self.head_dim))
+            if exact:
+                out = self._attend_each(q, keys, values, lens)
+            else:
+                q_groups = q.view(bsz, self.num_kv_heads, group, self.head_dim)
+                # One query per request: per KV head, [B, group, D] x [B, D, L] batched GEMMs on strided
+                # views of the gathered blocks (no K/V repeat, no transpose copies).
+                heads = []
+                for h in range(self.num_kv_heads):
+                    scores = torch.bmm(q_groups[:, h], keys[:, :, h].transpose(1, 2)) * self.scaling
+                    probs = torch.softmax(scores.masked_fill(padding, float("-inf")), dim=-1)
+                    heads.append(torch.bmm(probs, values[:, :, h]))  # [B, group, D]
+                out = torch.stack(heads, 1).reshape(bsz, self.num_heads, self.head_dim)
+            x = self._finish_layer(layer, x, out)
         return self.lm_head(self.norm(x))
