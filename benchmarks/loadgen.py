@@ -81,7 +81,8 @@ def main() -> None:
         "requests": a.requests, "concurrency": a.concurrency, "tokens_per_request": a.tokens,
         "completed": ok, "streaming_req_per_s": ok / thr.duration_s, "wall_s": wall,
         "sequential_e2e_ms_p50": float(np.median(e2e)), "sequential_e2e_ms_p99": float(np.percentile(e2e, 99)),
-        "rate": a.rate, "dispatch_lag_ms_p50": float(np.median(lag)), "dispatch_lag_ms_p99": float(np.percentile(lag, 99)),
+        "rate": a.rate, "dispatch_lag_ms_p50": float(np.median(lag)),
+        "dispatch_lag_ms_p99": float(np.percentile(lag, 99)),
     }
     print(f"{'streaming requests/s (concurrency ' + str(a.concurrency) + ')':<48}{res['streaming_req_per_s']:>10.0f}")
     print(f"{'one at a time: E2E p50 / p99 (ms, client+stub)':<48}{res['sequential_e2e_ms_p50']:>10.2f} / "
