@@ -1,5 +1,6 @@
 """The ``epd`` command: ``epd up``, ``epd serve ROLES``, ``epd health|stats|drain ADDR``, ``epd model build``,
-``epd bench serve|compare``."""
+``epd bench serve|compare``,
+``epd profile``, ``epd plan``."""
 
 from __future__ import annotations
 
@@ -159,6 +160,11 @@ def main(argv: list[str] | None = None) -> None:
 
     add_serve_parser(bsub)
     add_compare_parser(bsub)
+
+    from epd.plan.cli import add_plan_parser, add_profile_parser  # `epd profile`, `epd plan` (epd/plan/)
+
+    add_profile_parser(sub)
+    add_plan_parser(sub)
 
     args = parser.parse_args(argv)
     try:

@@ -1,0 +1,238 @@
+"""The simulator against measurement: the same workloads and deployments, run for real with
+``epd up`` + ``epd bench serve`` and simulated with ``epd plan --topology``, side by side.
+
+For each deployment: start it (``epd up --topology T``, the launcher's core split, as ``epd bench
+compare`` does), run ``epd bench serve --sweep-rates …`` against it (``--ignore-eos``: every
+request runs to its output length, as the simulator assumes), stop it; then simulate the same
+sweep from the profile. Prints one table — TTFT p50/p90, TPOT p50 and SLO attainment per rate,
+goodput per deployment, measured vs simulated with relative errors — and the median absolute
+errors; writes every JSON (measured and simulated) under ``--result-dir``.
+
+Measurements need an otherwise idle machine: with ``--wait-quiet FILE`` the script waits for FILE
+to exist before each deployment and records whether it still existed when that deployment's
+runs ended (``quiet`` in the JSON).
+
+    .venv/bin/epd profile --model ~/.cache/epd-serve/models/tiny-seed0 --out docs/plan/profile-tiny.json
+    .venv/bin/python benchmarks/plan_validate.py --model ~/.cache/epd-serve/models/tiny-seed0 \\
+        --profile docs/plan/profile-tiny.json --dataset-name sharegpt4o-like --rates 3,6,9,12 \\
+        --num-prompts 40 --goodput ttft:2000 tpot:50 --result-dir docs/plan/validate-tiny
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import re
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from epd.bench.compare import start_ours  # noqa: E402
+from epd.plan.cli import add_plan_parser  # noqa: E402
+
+EPD = str(Path(sys.executable).with_name("epd"))
+
+
+def file_name(topology: str) -> str:
+    """A file-name part for a topology: ``(E-P)-D`` → ``E-P-coloc-D`` (distinct from ``E-P-D``)."""
+    return re.sub(r"\((.*?)\)", r"\1-coloc", topology)
+
+
+def wait_quiet(path: str | None, poll_s: float = 30.0) -> None:
+    if not path:
+        return
+    first = True
+    while not os.path.exists(path):
+        if first:
+            print(f"waiting for {path} (an otherwise idle machine) ...", flush=True)
+            first = False
+        time.sleep(poll_s)
+
+
+def workload_flags(args: argparse.Namespace, sim: bool = False) -> list[str]:
+    flags = ["--dataset-name", args.dataset_name, "--num-prompts", str(args.num_prompts), "--seed", str(args.seed),
+             "--sweep-rates", args.rates, "--goodput", *args.goodput]
+    if args.num_warmups and not sim:
+        flags += ["--num-warmups", str(args.num_warmups)]
+    if args.dataset_name == "epd-synthetic":
+        flags += ["--epd-images", str(args.epd_images)]
+    if args.image_reuse:
+        flags += ["--image-reuse", str(args.image_reuse)]
+    if args.output_len:
+        flags += ["--output-len", str(args.output_len)]
+    return flags
+
+
+def measure(topology: str, args: argparse.Namespace, out_dir: Path) -> tuple[dict, list[str], bool]:
+    """``(result JSON, bench command, quiet the whole time)`` of one deployment's measured sweep."""
+    wait_quiet(args.wait_quiet)
+    name = file_name(topology)
+    run = start_ours(topology, Path(args.model), out_dir, 240.0)
+    try:
+        cmd = [EPD, "bench", "serve", "--base-url", run.url, "--model", str(args.model), *workload_flags(args),
+               "--ignore-eos", "--save-result", "--result-dir", str(out_dir), "--result-filename",
+               f"measured-{name}.json", "--label", topology, "--disable-tqdm", "--request-timeout", "600"]
+        print("$ " + shlex.join(cmd), flush=True)
+        with open(out_dir / f"measured-{name}.log", "w") as log:
+            subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT)
+    finally:
+        run.stop()
+    quiet = os.path.exists(args.wait_quiet) if args.wait_quiet else None
+    return json.loads((out_dir / f"measured-{name}.json").read_text()), cmd, quiet
+
+
+def simulate(topology: str, args: argparse.Namespace, out_dir: Path) -> tuple[dict, list[str]]:
+    """``(result JSON, plan command)`` of the same sweep simulated (in process)."""
+    name = file_name(topology)
+    argv = ["plan", "--profile", str(args.profile), "--topology", topology, *workload_flags(args, sim=True),
+            "--save-result", "--result-dir", str(out_dir), "--result-filename", f"simulated-{name}.json",
+            "--label", topology]
+    parser = argparse.ArgumentParser(prog="epd")
+    add_plan_parser(parser.add_subparsers(dest="command"))
+    ns = parser.parse_args(argv)
+    with contextlib.redirect_stdout(io.StringIO()):
+        code = ns.func(ns)
+    if code != 0:
+        raise RuntimeError(f"epd plan {' '.join(argv)} exited {code}")
+    return json.loads((out_dir / f"simulated-{name}.json").read_text()), [EPD, *argv]
+
+
+def rel(sim: float | None, meas: float | None) -> float | None:
+    if sim is None or meas is None or meas == 0:
+        return None
+    return (sim - meas) / meas
+
+
+def rows_of(topology: str, meas: dict | None, sim: dict) -> list[dict]:
+    out = []
+    msweep = {e["request_rate"]: e for e in (meas or {}).get("sweep", [])}
+    for s in sim["sweep"]:
+        rate = s["request_rate"]
+        m = msweep.get(rate, {})
+        row = {"deployment": topology, "rate": rate}
+        for key in ("median_ttft_ms", "p90_ttft_ms", "median_tpot_ms", "slo_attainment"):
+            row[key] = {"measured": m.get(key), "simulated": s.get(key), "rel_err": rel(s.get(key), m.get(key))}
+        row["completed"] = {"measured": m.get("completed"), "simulated": s.get("completed")}
+        out.append(row)
+    return out
+
+
+def fmt(v, pct=False, nd=0):
+    if v is None:
+        return "–"
+    return f"{100 * v:+.0f}%" if pct else f"{v:.{nd}f}"
+
+
+def print_table(rows: list[dict], goodputs: dict) -> None:
+    print(f"\n{'deployment':<10} {'rate':>5} | {'TTFT p50 meas':>13} {'sim':>7} {'err':>6} | {'TTFT p90 meas':>13} "
+          f"{'sim':>7} {'err':>6} | {'TPOT p50 meas':>13} {'sim':>6} {'err':>6} | {'attain meas':>11} {'sim':>5}")
+    for r in rows:
+        t50, t90, tp, at = r["median_ttft_ms"], r["p90_ttft_ms"], r["median_tpot_ms"], r["slo_attainment"]
+        print(f"{r['deployment']:<10} {r['rate']:>5g} | {fmt(t50['measured']):>13} {fmt(t50['simulated']):>7} "
+              f"{fmt(t50['rel_err'], True):>6} | {fmt(t90['measured']):>13} {fmt(t90['simulated']):>7} "
+              f"{fmt(t90['rel_err'], True):>6} | {fmt(tp['measured'], nd=1):>13} {fmt(tp['simulated'], nd=1):>6} "
+              f"{fmt(tp['rel_err'], True):>6} | {fmt(at['measured'], nd=2):>11} {fmt(at['simulated'], nd=2):>5}")
+    print(f"\n{'deployment':<10} {'goodput meas':>12} {'sim':>8} {'err':>6}")
+    for dep, g in goodputs.items():
+        print(f"{dep:<10} {fmt(g['measured'], nd=2):>12} {fmt(g['simulated'], nd=2):>8} {fmt(g['rel_err'], True):>6}"
+              f"   ({g.get('measured_how') or '–'} / {g.get('simulated_how')})")
+
+
+def markdown(rows: list[dict], goodputs: dict, summary: dict, title: str) -> str:
+    """The validation table in Markdown (for the README)."""
+    out = [f"**{title}**", "",
+           "| deployment | req/s | TTFT p50 ms meas / sim | TTFT p90 ms meas / sim | TPOT p50 ms meas / sim "
+           "| attainment meas / sim |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        t50, t90, tp, at = r["median_ttft_ms"], r["p90_ttft_ms"], r["median_tpot_ms"], r["slo_attainment"]
+        out.append(f"| {r['deployment']} | {r['rate']:g} | {fmt(t50['measured'])} / {fmt(t50['simulated'])} "
+                   f"({fmt(t50['rel_err'], True)}) | {fmt(t90['measured'])} / {fmt(t90['simulated'])} "
+                   f"({fmt(t90['rel_err'], True)}) | {fmt(tp['measured'], nd=1)} / {fmt(tp['simulated'], nd=1)} "
+                   f"({fmt(tp['rel_err'], True)}) | {fmt(at['measured'], nd=2)} / {fmt(at['simulated'], nd=2)} |")
+    out += ["", "| deployment | goodput req/s measured | simulated | error |", "|---|---|---|---|"]
+    for dep, g in goodputs.items():
+        out.append(f"| {dep} | {fmt(g['measured'], nd=2)} | {fmt(g['simulated'], nd=2)} | "
+                   f"{fmt(g['rel_err'], True)} |")
+    out += ["", f"Median absolute error: TTFT p50 {fmt(summary['median_abs_err_ttft_p50'], True)}, TTFT p90 "
+                f"{fmt(summary['median_abs_err_ttft_p90'], True)}, TPOT p50 "
+                f"{fmt(summary['median_abs_err_tpot_p50'], True)}; every goodput within ±20 %: "
+                f"{'yes' if summary['goodput_within_20pct'] else 'no'}."]
+    return "\n".join(out) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", required=True, help="model directory served by epd up")
+    ap.add_argument("--profile", required=True, help="its profile (epd profile --model DIR)")
+    ap.add_argument("--deployments", default="E-P-D,EP-D,(E-P)-D")
+    ap.add_argument("--dataset-name", default="sharegpt4o-like")
+    ap.add_argument("--epd-images", type=int, default=4)
+    ap.add_argument("--image-reuse", type=float, default=0.0)
+    ap.add_argument("--output-len", type=int)
+    ap.add_argument("--rates", required=True, help="comma-separated request rates (below and past saturation)")
+    ap.add_argument("--num-prompts", type=int, default=40)
+    ap.add_argument("--num-warmups", type=int, default=8, help="warm-up requests before each measured rate (not "
+                    "measured: the first requests of a fresh deployment pay one-off kernel set-up)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--goodput", nargs="+", default=["ttft:2000", "tpot:50"])
+    ap.add_argument("--result-dir", required=True)
+    ap.add_argument("--sim-only", action="store_true", help="reuse measured-*.json already in --result-dir")
+    ap.add_argument("--wait-quiet", help="measure only while this file exists (waits for it)")
+    args = ap.parse_args()
+    args.model = Path(args.model).expanduser()
+    out = Path(args.result_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows, goodputs, commands, quiet = [], {}, {}, {}
+    for topology in [t.strip() for t in args.deployments.split(",") if t.strip()]:
+        name = file_name(topology)
+        meas = None
+        if args.sim_only:
+            path = out / f"measured-{name}.json"
+            meas = json.loads(path.read_text()) if path.is_file() else None
+        else:
+            t0 = time.perf_counter()
+            meas, cmd, q = measure(topology, args, out)
+            commands[f"measured {topology}"] = shlex.join(cmd)
+            quiet[topology] = q
+            print(f"measured {topology} in {time.perf_counter() - t0:.0f} s (quiet: {q})", flush=True)
+        sim, cmd = simulate(topology, args, out)
+        commands[f"simulated {topology}"] = shlex.join(cmd)
+        rows += rows_of(topology, meas, sim)
+        gm = (meas or {}).get("goodput")
+        goodputs[topology] = {"measured": gm, "simulated": sim.get("goodput"), "rel_err": rel(sim.get("goodput"), gm),
+                              "measured_how": (meas or {}).get("goodput_how"), "simulated_how": sim.get("goodput_how")}
+    print_table(rows, goodputs)
+
+    def med(key):
+        errs = [abs(r[key]["rel_err"]) for r in rows if r[key]["rel_err"] is not None]
+        return statistics.median(errs) if errs else None
+
+    summary = {"median_abs_err_ttft_p50": med("median_ttft_ms"), "median_abs_err_ttft_p90": med("p90_ttft_ms"),
+               "median_abs_err_tpot_p50": med("median_tpot_ms"),
+               "goodput_within_20pct": all(g["rel_err"] is not None and abs(g["rel_err"]) <= 0.2
+                                           for g in goodputs.values())}
+    print(f"\nmedian |error|: TTFT p50 {fmt(summary['median_abs_err_ttft_p50'], True)}, TTFT p90 "
+          f"{fmt(summary['median_abs_err_ttft_p90'], True)}, TPOT p50 {fmt(summary['median_abs_err_tpot_p50'], True)}; "
+          f"goodput within ±20 %: {summary['goodput_within_20pct']}")
+    (out / "validation.json").write_text(json.dumps({
+        "model": str(args.model), "profile": str(args.profile), "dataset_name": args.dataset_name,
+        "rates": args.rates, "num_prompts": args.num_prompts, "seed": args.seed, "goodput_slo": args.goodput,
+        "quiet": quiet, "commands": commands, "rows": rows, "goodput": goodputs, "summary": summary,
+    }, indent=2))
+    title = (f"{Path(args.model).name}, {args.dataset_name}, {args.num_prompts} requests per rate, SLO "
+             f"{' '.join(args.goodput)}, profile {Path(args.profile).name}")
+    (out / "validation.md").write_text(markdown(rows, goodputs, summary, title))
+    print(f"wrote {out / 'validation.json'} and validation.md")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,42 @@
+"""``epd profile`` on the tiny model (quick mode) writes a valid profile that ``epd plan`` can
+simulate and search with. Checks the schema and the plumbing, not the times."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from epd.plan.profile import STAGES, Profile
+
+pytestmark = pytest.mark.slow
+
+
+def test_profile_then_plan_on_the_tiny_model(tiny_model, tmp_path):
+    out = tmp_path / "tiny.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "epd.cli", "profile", "--model", str(tiny_model), "--out", str(out), "--threads", "1",
+         "--quick", "--reps", "1", "--transfer-backend", "shm", "--disable-tqdm", "--dtype", "float32"],
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    prof = Profile.load(out)
+    raw = json.loads(out.read_text())
+    assert raw["dtype"] == "float32" and raw["threads"] == [1] and raw["device"]["kind"] == "cpu"
+    for stage in STAGES:
+        model = prof.stages[stage][1]
+        assert model.samples and all(s["s"] > 0 for s in model.samples)
+        assert all(v >= 0 for v in model.coef.values())
+    assert prof.transfer.samples and prof.host["hop_s"] > 0 and prof.host["token_s"] > 0
+    assert prof.model["num_layers"] > 0 and prof.model["template_tokens"] > 0
+
+    sim = subprocess.run(
+        [sys.executable, "-m", "epd.cli", "plan", "--profile", str(out), "--topology", "E-P-D",
+         "--dataset-name", "sharegpt4o-like", "--num-prompts", "10", "--request-rate", "2",
+         "--goodput", "ttft:2000", "tpot:50", "--save-result", "--result-dir", str(tmp_path),
+         "--result-filename", "sim.json"],
+        capture_output=True, text=True, timeout=120)
+    assert sim.returncode == 0, sim.stderr
+    res = json.loads((tmp_path / "sim.json").read_text())
+    assert res["completed"] == 10 and res["backend"] == "epd-sim" and res["median_ttft_ms"] > 0
