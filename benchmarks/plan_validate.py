@@ -132,6 +132,10 @@ def fmt(v, pct=False, nd=0):
     return f"{100 * v:+.0f}%" if pct else f"{v:.{nd}f}"
 
 
+def pct(v) -> str:
+    return "–" if v is None else f"{100 * v:.1f} %"
+
+
 def print_table(rows: list[dict], goodputs: dict) -> None:
     print(f"\n{'deployment':<10} {'rate':>5} | {'TTFT p50 meas':>13} {'sim':>7} {'err':>6} | {'TTFT p90 meas':>13} "
           f"{'sim':>7} {'err':>6} | {'TPOT p50 meas':>13} {'sim':>6} {'err':>6} | {'attain meas':>11} {'sim':>5}")
@@ -160,11 +164,12 @@ def markdown(rows: list[dict], goodputs: dict, summary: dict, title: str) -> str
                    f"({fmt(tp['rel_err'], True)}) | {fmt(at['measured'], nd=2)} / {fmt(at['simulated'], nd=2)} |")
     out += ["", "| deployment | goodput req/s measured | simulated | error |", "|---|---|---|---|"]
     for dep, g in goodputs.items():
-        out.append(f"| {dep} | {fmt(g['measured'], nd=2)} | {fmt(g['simulated'], nd=2)} | "
+        nd = 3 if (g["measured"] or 1) < 1 else 2
+        out.append(f"| {dep} | {fmt(g['measured'], nd=nd)} | {fmt(g['simulated'], nd=nd)} | "
                    f"{fmt(g['rel_err'], True)} |")
-    out += ["", f"Median absolute error: TTFT p50 {fmt(summary['median_abs_err_ttft_p50'], True)}, TTFT p90 "
-                f"{fmt(summary['median_abs_err_ttft_p90'], True)}, TPOT p50 "
-                f"{fmt(summary['median_abs_err_tpot_p50'], True)}; every goodput within ±20 %: "
+    out += ["", f"Median absolute error: TTFT p50 {pct(summary['median_abs_err_ttft_p50'])}, TTFT p90 "
+                f"{pct(summary['median_abs_err_ttft_p90'])}, TPOT p50 "
+                f"{pct(summary['median_abs_err_tpot_p50'])}; every goodput within ±20 %: "
                 f"{'yes' if summary['goodput_within_20pct'] else 'no'}."]
     return "\n".join(out) + "\n"
 
@@ -192,6 +197,11 @@ def main() -> None:
     out = Path(args.result_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows, goodputs, commands, quiet = [], {}, {}, {}
+    previous = out / "validation.json"
+    if args.sim_only and previous.is_file():  # keep what the measured runs recorded
+        before = json.loads(previous.read_text())
+        quiet = dict(before.get("quiet", {}))
+        commands = {k: v for k, v in before.get("commands", {}).items() if k.startswith("measured")}
     for topology in [t.strip() for t in args.deployments.split(",") if t.strip()]:
         name = file_name(topology)
         meas = None
@@ -220,8 +230,8 @@ def main() -> None:
                "median_abs_err_tpot_p50": med("median_tpot_ms"),
                "goodput_within_20pct": all(g["rel_err"] is not None and abs(g["rel_err"]) <= 0.2
                                            for g in goodputs.values())}
-    print(f"\nmedian |error|: TTFT p50 {fmt(summary['median_abs_err_ttft_p50'], True)}, TTFT p90 "
-          f"{fmt(summary['median_abs_err_ttft_p90'], True)}, TPOT p50 {fmt(summary['median_abs_err_tpot_p50'], True)}; "
+    print(f"\nmedian |error|: TTFT p50 {pct(summary['median_abs_err_ttft_p50'])}, TTFT p90 "
+          f"{pct(summary['median_abs_err_ttft_p90'])}, TPOT p50 {pct(summary['median_abs_err_tpot_p50'])}; "
           f"goodput within ±20 %: {summary['goodput_within_20pct']}")
     (out / "validation.json").write_text(json.dumps({
         "model": str(args.model), "profile": str(args.profile), "dataset_name": args.dataset_name,

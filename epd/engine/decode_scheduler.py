@@ -23,7 +23,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from epd.engine.kv_pool import BlockAllocator
+from epd.engine.blocks import BlockAllocator
 
 
 @dataclass

@@ -130,6 +130,11 @@ def add_plan_parser(sub) -> None:
     p.add_argument("--decode-max-batch", type=int, default=64)
     p.add_argument("--kv-memory-mb", type=int, default=256, help="decode KV pool (EPD_KV_MEMORY_MB) on CPU profiles")
     p.add_argument("--cores", type=int, help="host cores (CPU profiles; default: the profile's)")
+    p.add_argument("--model", dest="plan_model", metavar="DIR",
+                   help="the model being planned: refused unless it has the profile's shapes")
+    p.add_argument("--device", dest="plan_device", metavar="NAME",
+                   help="the device being planned (cpu, accelerator, or part of its name, e.g. A100): "
+                        "refused unless the profile was measured on it")
     p.add_argument("--ep-coupled", action="store_true", help="simulate processes hosting encoder+prefill as the "
                    "papers' EP-D baseline (one engine: a step encodes its requests' images, then prefills them; "
                    "images stay on their prefill instance) instead of epd-serve's logically isolated loops")
@@ -169,11 +174,12 @@ def _plan(args: argparse.Namespace) -> int:
     from epd.bench.serve import DEFAULT_SLO, BenchInputError, check_run_args
     from epd.plan import report
     from epd.plan.deployment import Deployment, DeploymentError
-    from epd.plan.profile import Profile
+    from epd.plan.profile import Profile, check_target
     from epd.plan.search import SearchSpace, search
     from epd.plan.workload import sim_workload
 
     prof = Profile.load(Path(args.profile).expanduser())
+    check_target(prof, args.plan_model, args.plan_device)
     if args.goodput is None and not args.topology:
         args.goodput = list(DEFAULT_SLO)
     try:

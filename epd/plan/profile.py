@@ -24,7 +24,8 @@ the longest context in the batch (``Qwen2VLRunner.decode``).
 Schema (``"schema": "epd-profile/1"``)::
 
     {"schema", "created", "seed", "device": {"kind": "cpu"|"accelerator", "name", "cores",
-     "memory_bytes", "parallel_efficiency" (cpu: effective cores ÷ cores for busy one-thread
+     "memory_bytes", "parallel_capacity" (cpu: {k: solo-work per second with k busy one-thread processes}),
+     "parallel_efficiency" (cpu: effective cores ÷ cores for busy one-thread
      processes, epd.plan.parallel), "colocation_efficiency" (accelerator what-if)},
      "model": {"name", "path", "num_layers", "hidden_size", "num_kv_heads", "head_dim",
      "vision_hidden", "geometry": {patch_size, merge_size, min_pixels, max_pixels},
@@ -333,3 +334,37 @@ def _model(entry: dict, stage: str, ctx: str, where: str) -> CostModel:
             raise ProfileError(f"{where}: field {ctx}.coef.{f} must be a finite number ≥ 0")
     return CostModel({f: float(coef[f]) for f in FEATURES[stage]}, float(entry.get("median_rel_err", 0.0)),
                      list(entry.get("samples", [])))
+
+
+def check_target(prof: Profile, model_dir: str | Path | None = None, device: str | None = None) -> None:
+    """Refuse to plan ``model_dir`` on ``device`` with a profile measured for something else.
+
+    ``model_dir`` (an HF checkpoint directory) must have the profile's shapes — language layers,
+    hidden size, KV heads and vision width, from its ``config.json``; ``device`` must name the
+    profile's device kind (``cpu``, ``accelerator``) or occur in its name (``EPYC``, ``A100``).
+
+    Raises:
+        ProfileError: naming both the profile's model or device and the one asked for.
+    """
+    if model_dir is not None:
+        path = Path(model_dir).expanduser()
+        try:
+            cfg = json.loads((path / "config.json").read_text())
+        except (OSError, ValueError) as exc:
+            raise ProfileError(f"--model {model_dir}: not a model directory ({exc})") from None
+        text = cfg.get("text_config", cfg)
+        vision = cfg.get("vision_config", {})
+        want = {"num_layers": text.get("num_hidden_layers"), "hidden_size": text.get("hidden_size"),
+                "num_kv_heads": text.get("num_key_value_heads"),
+                "vision_hidden": vision.get("embed_dim", vision.get("hidden_size"))}
+        have = {k: prof.model.get(k) for k in want}
+        diff = [k for k, v in want.items() if v is not None and have[k] is not None and int(v) != int(have[k])]
+        if diff:
+            shapes = ", ".join(f"{k} {have[k]} vs {want[k]}" for k in diff)
+            raise ProfileError(f"{prof.path} was measured on model {prof.model.get('name', '?')} "
+                               f"({prof.model.get('path', '')}), not on {path.name} ({path}): {shapes}")
+    if device:
+        kind, name = str(prof.device.get("kind", "")), str(prof.device.get("name", ""))
+        if device.lower() != kind.lower() and device.lower() not in name.lower():
+            raise ProfileError(f"{prof.path} was measured on {name} ({kind}), not on {device!r}: "
+                               "profile the target device with epd profile there")

@@ -6,8 +6,10 @@ what the profile measured) and a *demand* (threads it keeps busy: a process's
 While the running jobs' demands add up to at most the capacity (cores on cpu, 1 for an
 accelerator) every job runs at full speed; beyond it every job slows down by the same factor
 ``capacity / Σ demand`` (the OS time-slices threads fairly; on an accelerator two co-located
-roles interleave kernels). That is how co-location (two roles sharing a device's time, EPD-Serve
-§3.5) and this machine's 2 cores shared by every process enter the simulation.
+roles interleave kernels). On cpu the capacity is a measured curve of the busy thread count
+(:func:`epd.plan.parallel.measure`): oversubscribed cores do less than their number. That is
+how co-location (two roles sharing a device's time, EPD-Serve §3.5) and this machine's 2 cores
+shared by every process enter the simulation.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ class SharedDevice:
     """
 
     def __init__(self, env: simpy.Environment, capacity: float, name: str = "", interference: float = 1.0,
-                 group_efficiency: float = 1.0) -> None:
+                 group_efficiency: float = 1.0, capacity_curve: dict[int, float] | None = None) -> None:
         if capacity <= 0:
             raise ValueError(f"capacity must be > 0, got {capacity}")
         if not 0 < interference <= 1:
@@ -46,6 +48,8 @@ class SharedDevice:
         self.group_efficiency = group_efficiency  # threads a process's busy roles get together ÷ its threads
         self.env = env
         self.capacity = float(capacity)
+        # {busy threads k: capacity with k busy} (epd.plan.parallel); None: ``capacity`` whatever k
+        self.curve = sorted((int(k), float(v)) for k, v in (capacity_curve or {}).items())
         self.name = name
         self.jobs: list[_Job] = []
         self.last = env.now
@@ -81,10 +85,22 @@ class SharedDevice:
         used = {g: min(d, cap[g] * (self.group_efficiency if len(owners[g]) > 1 else 1.0)) if cap[g] > 0 else d
                 for g, d in demand.items()}
         total = sum(used.values())
-        host = min(1.0, self.capacity / total) if total > 0 else 1.0
+        host = min(1.0, self.capacity_at(total) / total) if total > 0 else 1.0
         if self.interference < 1.0 and len({j.owner for j in self.jobs}) > 1:
             host *= self.interference
         return [host * used[j.group] / demand[j.group] for j in self.jobs]
+
+    def capacity_at(self, busy: float) -> float:
+        """Work per second (in solo units) with ``busy`` threads runnable: the measured curve,
+        linear between its points and flat past its last; ``capacity`` without a curve."""
+        if not self.curve:
+            return self.capacity
+        if busy <= self.curve[0][0]:
+            return min(busy, self.curve[0][1])
+        for (k0, c0), (k1, c1) in zip(self.curve, self.curve[1:], strict=False):
+            if busy <= k1:
+                return c0 + (c1 - c0) * (busy - k0) / (k1 - k0)
+        return self.curve[-1][1]
 
     def speed(self) -> float:
         """The speed of the slowest running job (1 when idle)."""

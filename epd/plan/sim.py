@@ -83,7 +83,8 @@ class Simulator:
         placed = dep.place(self.kind, self.cores)
         if self.kind == "cpu":  # effective cores: what this host gives busy processes at once (epd.plan.parallel)
             eff = float(prof.device.get("parallel_efficiency", 1.0)) if self.cores > 1 else 1.0
-            host = SharedDevice(self.env, self.cores * eff, "host",
+            curve = prof.device.get("parallel_capacity") if self.cores == int(prof.device.get("cores", 0)) else None
+            host = SharedDevice(self.env, self.cores * eff, "host", capacity_curve=curve,
                                 group_efficiency=float(prof.device.get("process_colocation_efficiency", 1.0)))
             self.devices = {0: host}
             self.front_device = host
@@ -287,7 +288,7 @@ class Simulator:
         out = {"instances": {}, "feature_cache_hits": sum(e.hits for e in self.encoders),
                "preempted": sum(d.preempted for d in self.decodes), "front_busy": self.front_busy / end}
         for inst in self.instances:
-            row = {"busy": inst.busy_s / end, "steps": inst.steps, "threads": inst.threads}
+            row = {"busy": inst.busy_s / end, "work_s": inst.work_s, "steps": inst.steps, "threads": inst.threads}
             if isinstance(inst, DecodeSim):
                 row["mean_batch"] = inst.batch_sum / max(1, inst.steps)
                 row["kv_blocks"] = inst.num_blocks

@@ -13,6 +13,8 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from epd.engine.blocks import BlockAllocator
+from epd.engine.decode_scheduler import DecodeScheduler, PendingAlloc
 from epd.plan.deployment import Placed
 from epd.plan.profile import decode_x, encode_x, image_decode_x, prefill_x
 from epd.plan.shared import SharedDevice
@@ -21,7 +23,7 @@ from epd.plan.workload import SimImage, SimRequest
 if TYPE_CHECKING:
     from epd.plan.sim import Simulator
 
-BLOCKS_GRACE_S = 2.0  # services/gateway/app.py: KV-block charge released this long after the first token
+BLOCKS_GRACE_S = 2.0  # services/gateway/core.py: KV-block charge released this long after the first token
 
 
 @dataclass
@@ -36,8 +38,6 @@ class ReqState:
     charges: list = field(default_factory=list)
     features_local: int = 0
     kv_alloc: bool = False
-    blocks: int = 0
-    past_len: int = 0
     generated: int = 0
     token_times: list[float] = field(default_factory=list)
     failed: str = ""
@@ -62,6 +62,7 @@ class Instance:
         self.process_cap = float(placed.threads) if sim.kind == "cpu" else 0.0
         self.published: dict[str, float] = {}
         self.busy_s = 0.0
+        self.work_s = 0.0  # the profile's cost of every step run, unstretched by sharing (CPU-seconds on cpu)
         self.steps = 0
         self.items = 0
         self._wake = self.env.event()
@@ -79,6 +80,7 @@ class Instance:
     def run(self, stage: str, x: dict[str, float]):
         """One unit of ``stage`` work on this instance's device (a SimPy event)."""
         work = self.sim.prof.cost(stage, self.threads, x)
+        self.work_s += work
         return self.device.run(work, self.threads, self.name, self.process, self.process_cap)
 
     def publish(self) -> None:
@@ -257,100 +259,75 @@ class PrefillSim(Instance):
 
 
 class DecodeSim(Instance):
+    """A decode instance on the real :class:`~epd.engine.decode_scheduler.DecodeScheduler` (FIFO
+    block reservations above the watermark, continuous batching in join order, one block more
+    when one fills, preemption of the youngest) over a :class:`~epd.engine.blocks.BlockAllocator`
+    of the instance's pool; only the step's duration comes from the profile."""
+
     role = "decode"
 
     def __init__(self, sim, placed, device) -> None:
         lim = sim.dep.limits
         self.block_size = lim.kv_block_size
         self.num_blocks = sim.kv_blocks(placed)
-        self.free = self.num_blocks
-        self.queue: deque[ReqState] = deque()
-        self.running: OrderedDict[int, ReqState] = OrderedDict()
-        self.reserved: dict[int, ReqState] = {}
+        self.sched = DecodeScheduler(BlockAllocator(self.num_blocks), self.block_size, lim.decode_max_batch)
+        self.waiting: dict[str, ReqState] = {}  # queued for blocks, by scheduler request id
         self.preempted = 0
         self.batch_sum = 0
         super().__init__(sim, placed, device)
 
     def load(self):
-        return {"running": float(len(self.running)), "free_blocks": float(self.free)}
+        return {"running": float(len(self.sched.running)), "free_blocks": float(self.sched.allocator.num_free)}
 
     def blocks_for(self, tokens: int) -> int:
-        return -(-tokens // self.block_size)
+        return self.sched.blocks_for(tokens)
 
     def request_blocks(self, req: ReqState) -> None:
-        if self.blocks_for(req.spec.prompt_tokens) + 1 > self.num_blocks:
+        try:
+            self.sched.enqueue(PendingAlloc(str(req.spec.index), req.spec.prompt_tokens, math.inf, ""))
+        except ValueError:
             self.sim.fail(req, 507, "decode: prompt larger than the KV pool")
             return
-        self.queue.append(req)
+        self.waiting[str(req.spec.index)] = req
         self.wake()
 
     def kv_ready(self, req: ReqState) -> None:
-        if req.failed or self.reserved.pop(req.spec.index, None) is None:
+        if req.failed or str(req.spec.index) not in self.sched.reserved:
             return
-        req.past_len = req.spec.prompt_tokens
+        self.sched.start(str(req.spec.index), 0, 0, 0.0, req)
         req.generated = 1
-        self.running[req.spec.index] = req
         self.wake()
 
     def release(self, req: ReqState) -> None:
-        for table in (self.running, self.reserved):
-            if table.pop(req.spec.index, None) is not None:
-                self.free += req.blocks
-                req.blocks = 0
-        if req in self.queue:
-            self.queue.remove(req)
+        self.waiting.pop(str(req.spec.index), None)
+        self.sched.release(str(req.spec.index))
         self.wake()  # freed blocks may admit a queued reservation
 
     def loop(self):
-        sim, lim = self.sim, self.sim.dep.limits
+        sim, sched = self.sim, self.sched
         while True:
-            while self.queue:  # admit: FIFO, above the watermark of one block per running request
-                head = self.queue[0]
-                if head.failed:
-                    self.queue.popleft()
-                    continue
-                need = self.blocks_for(head.spec.prompt_tokens)
-                if self.free < need + len(self.running):
-                    break
-                self.queue.popleft()
-                self.free -= need
-                head.blocks = need
-                self.reserved[head.spec.index] = head
-                sim.after_hop(lambda r=head: sim.kv_allocated(r))
-            for req in [r for r in self.running.values() if r.failed]:
-                self.release(req)
-            batch: list[ReqState] = []
-            for req in list(self.running.values()):
-                if len(batch) == lim.decode_max_batch:
-                    break
-                if req.spec.index not in self.running:
-                    continue
-                while req.past_len >= req.blocks * self.block_size:
-                    if self.free >= 1:
-                        self.free -= 1
-                        req.blocks += 1
-                        continue
-                    victim = next(reversed(self.running.values()))
-                    self.release(victim)
-                    self.preempted += 1
-                    sim.fail(victim, 507, "decode: preempted, KV cache exhausted")
-                    if victim in batch:
-                        batch.remove(victim)
-                    if victim is req:
-                        break
-                else:
-                    batch.append(req)
+            while sched.queue and self.waiting[sched.queue[0].request_id].failed:
+                self.waiting.pop(sched.queue.popleft().request_id)  # failed while waiting for blocks
+            for dr in sched.admit():
+                req = self.waiting.pop(dr.request_id)
+                sim.after_hop(lambda r=req: sim.kv_allocated(r))
+            for dr in [d for d in sched.running.values() if d.ctx.failed]:
+                sched.release(dr.request_id)
+            batch, preempted = sched.schedule()
+            for dr in preempted:
+                self.preempted += 1
+                sim.fail(dr.ctx, 507, "decode: preempted, KV cache exhausted")
             if not batch:
                 yield from self.idle()
                 continue
             t0 = self.env.now
-            yield self.run("decode", decode_x(len(batch), max(r.past_len + 1 for r in batch)))
+            yield self.run("decode", decode_x(len(batch), max(d.past_len + 1 for d in batch)))
             self.busy_s += self.env.now - t0
             self.steps += 1
             self.batch_sum += len(batch)
-            for req in batch:
-                req.past_len += 1
-                req.generated += 1
-                if req.generated >= req.spec.max_tokens:
-                    self.release(req)
-            sim.tokens(batch)
+            for dr in batch:
+                dr.past_len += 1
+                dr.ctx.generated += 1
+                if dr.ctx.generated >= dr.ctx.spec.max_tokens:
+                    sched.release(dr.request_id)
+            sim.tokens([d.ctx for d in batch])

@@ -161,6 +161,48 @@ def test_processor_sharing_slows_every_job_alike():
     assert ends == [pytest.approx(1.0), pytest.approx(1.0)]  # two cores: no slow-down
 
 
+def test_capacity_curve_slows_oversubscribed_cores():
+    """With a measured curve, 3 busy one-thread jobs on 2 cores share 1.5 cores' work, not 2."""
+    curve = {"1": 1.0, "2": 2.0, "3": 1.5}
+    dev0 = SharedDevice(simpy.Environment(), 2.0, capacity_curve=curve)
+    assert dev0.capacity_at(1) == 1.0 and dev0.capacity_at(2) == 2.0
+    assert dev0.capacity_at(2.5) == pytest.approx(1.75) and dev0.capacity_at(7) == 1.5
+    ends = {}
+    for cap in (None, curve):
+        env = simpy.Environment()
+        dev = SharedDevice(env, 2.0, capacity_curve=cap)
+        out = []
+
+        def j(env=env, dev=dev, out=out):
+            yield dev.run(1.0, 1.0)
+            out.append(env.now)
+
+        for _ in range(3):
+            env.process(j())
+        env.run()
+        ends[cap is None] = out
+    assert ends[True] == [pytest.approx(1.5)] * 3  # 2 cores / 3 jobs
+    assert ends[False] == [pytest.approx(2.0)] * 3  # 1.5 cores' work / 3 jobs
+
+
+def test_simulated_decode_admits_and_preempts_with_the_real_scheduler(prof):
+    """The simulator's decode runs epd.engine.decode_scheduler over epd.engine.blocks (the same
+    admission watermark and youngest-first preemption as the service); a pool too small for the
+    load fails requests at routing, and every block is back in the pool at the end."""
+    from epd.engine.decode_scheduler import DecodeScheduler
+    from epd.plan.stages import DecodeSim
+
+    wl = _workload(prof, n=20, images=0, max_tokens=200, rate=float("inf"))
+    sim = Simulator(prof, Deployment("E-P-D", Limits(kv_blocks=40, kv_block_size=16)), wl)
+    res = sim.run()
+    dec = next(i for i in sim.instances if isinstance(i, DecodeSim))
+    assert isinstance(dec.sched, DecodeScheduler)
+    assert dec.sched.allocator.num_free == 40 and not dec.sched.running and not dec.sched.queue
+    assert res.stats["preempted"] == dec.preempted
+    failed = [r for r in res.records if r.error]
+    assert failed and len(failed) < 20 and all(r.status != 200 for r in failed)
+
+
 def test_roles_of_one_process_share_its_threads():
     env = simpy.Environment()
     host = SharedDevice(env, capacity=2.0)
@@ -310,6 +352,8 @@ def _epd(*args, cwd=None):
     (["plan", "--profile", "{good}", "--topology", "E-Q"], "topology"),
     (["plan", "--profile", "{bad}", "--devices", "2"], "model.num_layers"),
     (["profile", "--model", "/nonexistent", "--out", "x.json"], "--model"),
+    (["plan", "--profile", "{good}", "--devices", "2", "--device", "A100"], "not on 'A100'"),
+    (["plan", "--profile", "{good}", "--devices", "2", "--model", "{other_model}"], "num_layers 4 vs 6"),
 ])
 def test_bad_input_exits_2_with_one_line(tmp_path, argv, needle):
     good = tmp_path / "good.json"
@@ -318,8 +362,12 @@ def test_bad_input_exits_2_with_one_line(tmp_path, argv, needle):
     del bad_raw["model"]["num_layers"]
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps(bad_raw))
+    other = tmp_path / "other-model"  # an HF config with 6 layers: not the profile's model (4)
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"num_hidden_layers": 6, "hidden_size": 256,
+                                                   "num_key_value_heads": 2}))
     argv = [a.replace("{good}", str(good)).replace("{bad}", str(bad if needle != "--devices" else good))
-            for a in argv]
+            .replace("{other_model}", str(other)) for a in argv]
     proc = _epd(*argv)
     assert proc.returncode == 2, proc.stderr
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
