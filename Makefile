@@ -1,5 +1,5 @@
 # The few commands a newcomer needs. `make up` and `make test` set up .venv first.
-.PHONY: setup up test test-fast lint proto bench clean
+.PHONY: setup up test test-fast lint structure proto bench clean
 
 STAMP := .venv/.installed
 
@@ -20,6 +20,9 @@ test-fast: $(STAMP)     ## unit tests only
 
 lint: $(STAMP)
 	.venv/bin/ruff check epd services tests benchmarks
+
+structure: $(STAMP)     ## no import cycles (grimp), the gateway core without aiohttp, files <= 400 lines
+	.venv/bin/pytest -q tests/unit/test_structure.py
 
 proto: $(STAMP)         ## regenerate epd/wire/gen from proto/
 	.venv/bin/python -m grpc_tools.protoc -Iproto --python_out=epd/wire/gen --pyi_out=epd/wire/gen proto/epd.proto proto/admin.proto

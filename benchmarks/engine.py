@@ -1,14 +1,16 @@
 """Serving-engine measurements on one machine, in one process, with the real components.
 
 1. Decode throughput (tokens/s) of the continuous-batching engine (paged KV pool, batched
-   forward, per-request sampling) at batch 1, 8, 32 vs the same model's batched HF
-   ``generate`` (greedy, KV cache, equal-length prompts so no padding) in the same run.
+   forward, per-request sampling; driven through ``epd.engine.local.LocalPipeline``) at batch
+   1, 8, 32 vs the same model's batched HF ``generate`` (greedy, KV cache, equal-length
+   prompts so no padding) in the same run.
    Decode only: from the first generated token's logits to the last, on both sides.
 2. Prefill throughput (prompt tokens/s): packed prefill of one prompt vs an in-process HF
    forward of the same inputs (``use_cache=True``).
-3. KV transfer prefill → decode through the Mooncake transfer engine (tcp): bytes, GB/s and
-   the *exposed* time (from the last layer's K/V to the last write done) for layer group
-   G = 0 (baseline: everything after the forward) and G = 1, 2, 4.
+3. KV transfer prefill → decode through the Mooncake transfer engine (tcp), driven through
+   the ``PrefillEngine`` with its one-sided ``KvSender`` connector: bytes, GB/s and the
+   *exposed* time (from the last layer's K/V to the last write done) for layer group G = 0
+   (baseline: everything after the forward) and G = 1, 2, 4.
 4. Feature prefetch: one image's features READ from an "encoder" pool while the request
    waits behind another prefill batch: read time and how much of it the wait hid.
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import time
@@ -31,13 +34,17 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from epd.engine.kv_pool import KvLayout, KvPool  # noqa: E402
+from epd.engine.local import LocalPipeline  # noqa: E402
 from epd.engine.region_alloc import RangeAllocator  # noqa: E402
 from epd.engine.sampling import SamplingParams  # noqa: E402
 from epd.models.qwen2_runner import Qwen2VLRunner  # noqa: E402
 from epd.models.qwen2_vl import Qwen2VLAdapter  # noqa: E402
 from epd.transfer import create_backend  # noqa: E402
-from services.decode.core import DecodeEngine  # noqa: E402
+from services.prefill.engine import PrefillEngine  # noqa: E402
+from services.prefill.feature_reader import LocalFeatureReader  # noqa: E402
+from services.prefill.kv_connector import KvSlot  # noqa: E402
 from services.prefill.kv_sender import KvSender  # noqa: E402
+from services.prefill.records import KvTarget, PrefillRequest  # noqa: E402
 
 
 def prompts(batch: int, length: int, vocab: int, seed: int) -> list[list[int]]:
@@ -45,38 +52,19 @@ def prompts(batch: int, length: int, vocab: int, seed: int) -> list[list[int]]:
     return [torch.randint(10, vocab - 20, (length,), generator=g).tolist() for _ in range(batch)]
 
 
-def ours_decode(adapter, runner, batch_prompts, new_tokens: int) -> float:
-    """Seconds spent in decode steps producing ``new_tokens`` per request (prefill excluded)."""
+def ours_decode(adapter, batch_prompts, new_tokens: int) -> float:
+    """Seconds spent in decode steps producing ``new_tokens`` per request (prefill excluded):
+    the in-process engines (:class:`LocalPipeline`), timed from the first decode step to the last."""
     layout = KvLayout(adapter.num_layers, 4096, 16, adapter.num_kv_heads, adapter.head_dim)
-    pool = KvPool(layout)
-    engine = DecodeEngine(runner, pool, max_batch=len(batch_prompts), eos_token_ids=set())
-    for i, p in enumerate(batch_prompts):
-        engine.request_blocks(str(i), len(p), 1e18, "")
-    admitted = engine.step().admitted
-    embeds, positions, lens = [], [], []
-    for p in batch_prompts:
-        e, pos, _ = adapter.prompt_inputs(p, [], [])
-        embeds.append(e)
-        positions.append(pos)
-        lens.append(len(p))
-    starts = [sum(lens[:i]) for i in range(len(lens))]
-
-    def on_layer(layer, k, v):
-        for req, s, n in zip(admitted, starts, lens, strict=True):
-            ids = torch.tensor(req.block_ids[: layout.blocks_for(n)])
-            for kv_i, t in ((0, k), (1, v)):
-                pad = t.new_zeros((len(ids) * 16, *t.shape[1:]))
-                pad[:n] = t[s : s + n]
-                pool.kv[layer, kv_i, ids] = pad.view(len(ids), 16, *t.shape[1:])
-
-    logits = runner.prefill(torch.cat(embeds), torch.cat(positions, 1), lens, on_layer)
+    pipe = LocalPipeline(adapter, KvPool(layout), max_batch=len(batch_prompts), features_bytes=1 << 20)
     params = SamplingParams(max_tokens=new_tokens + 1, ignore_eos=True)
-    for req, row in zip(admitted, logits, strict=True):
-        engine.start(req.request_id, int(row.argmax()), 0, params, 1e18)
+    for i, p in enumerate(batch_prompts):
+        pipe.submit(str(i), p, [], params)
+    pipe.step()  # admits every request, prefills them in one packed forward, starts them
     t0 = time.perf_counter()
     produced = 0
-    while engine.sched.running:
-        produced += len(engine.step().tokens)
+    while pipe.num_requests:
+        produced += len(pipe.step())
     elapsed = time.perf_counter() - t0
     assert produced == new_tokens * len(batch_prompts), produced
     return elapsed
@@ -115,10 +103,10 @@ def bench_decode(adapter, runner, model, args) -> list[dict]:
     rows = []
     for batch in (1, 8, 32):
         ps = prompts(batch, args.prompt_len, adapter.vocab_size, args.seed + batch)
-        ours_decode(adapter, runner, ps[:1], 2)  # warm-up
+        ours_decode(adapter, ps[:1], 2)  # warm-up
         ours_t, hf_t = [], []
         for _ in range(args.reps):  # interleaved, so drift in machine speed hits both sides alike
-            ours_t.append(ours_decode(adapter, runner, ps, args.new_tokens))
+            ours_t.append(ours_decode(adapter, ps, args.new_tokens))
             hf_t.append(hf_decode(model, ps, args.new_tokens, adapter.eos_token_ids[-1]))
         ours, hf = min(ours_t), min(hf_t)
         tok = batch * args.new_tokens
@@ -151,7 +139,6 @@ def bench_prefill(adapter, runner, model, args) -> dict:
 
 def bench_kv_transfer(adapter, runner, args) -> list[dict]:
     p = prompts(1, args.prefill_len, adapter.vocab_size, args.seed + 7)[0]
-    e, pos, _ = adapter.prompt_inputs(p, [], [])
     rows = []
     with create_backend("mooncake", timeout_s=60) as p_side, create_backend("mooncake", timeout_s=60) as d_side:
         layout = KvLayout(adapter.num_layers, layout_blocks := 1024, 16, adapter.num_kv_heads, adapter.head_dim)
@@ -161,23 +148,26 @@ def bench_kv_transfer(adapter, runner, args) -> list[dict]:
         # a fragmented block table, as after some churn: runs of 4 consecutive blocks
         table = [b for start in range(0, layout_blocks, 8) for b in range(start, start + 4)]
         table = table[: layout.blocks_for(len(p))]
+        target = KvTarget(d_region.handle, layout, tuple(table))
         for group in (0, 1, 2, 4):
+            sender = KvSender(p_side, region, staging, adapter.num_layers, group)
+            engine = PrefillEngine(adapter, sender, LocalFeatureReader({}), len(p), staging=staging, runner=runner)
             exposed, nbytes, totals = [], 0, []
             for _ in range(args.reps):
-                sender = KvSender(p_side, region, staging, adapter.num_layers, group)
-                sender.add("r", d_region.handle, layout, table, 0, len(p))
+                engine.add(PrefillRequest("r", p, 0, SamplingParams(max_tokens=2, ignore_eos=True), math.inf))
+                engine.set_kv_target("r", target)
                 t0 = time.perf_counter()
-                runner.prefill(e, pos, [len(p)], sender.on_layer)
-                res = sender.finish()
+                engine.step()  # the forward, layer groups written while later layers compute
+                res = engine.step()  # the rest written and waited for: the exposed time
                 totals.append(time.perf_counter() - t0)
-                assert not res.failed
-                exposed.append(res.exposed_s)
-                nbytes = res.nbytes
+                assert len(res.handoffs) == 1 and not res.failed
+                exposed.append(res.kv_exposed_s)
+                nbytes = res.kv_bytes
             rows.append({"group": group, "bytes": nbytes, "exposed_ms": 1e3 * statistics.median(exposed),
                          "prefill_plus_transfer_ms": 1e3 * statistics.median(totals)})
         # raw link speed for the same bytes, nothing else running
         segs = KvSender(p_side, region, staging, adapter.num_layers, 0)
-        segs.add("r", d_region.handle, layout, table, 0, len(p))
+        segs.start_batch([KvSlot("r", target, 0, len(p))])
         from epd.engine.kv_pool import transfer_plan
         from epd.transfer import merge_segments
 
@@ -187,7 +177,7 @@ def bench_kv_transfer(adapter, runner, args) -> list[dict]:
         t0 = time.perf_counter()
         p_side.write(region, d_region.handle, local, remote, lengths)
         link_s = time.perf_counter() - t0
-        segs.close()
+        segs.abort_batch()
         for r in rows:
             r["link_gb_s"] = r["bytes"] / link_s / 1e9
             r["segments"] = len(lengths)

@@ -118,7 +118,8 @@ def main(argv: list[str] | None = None) -> None:
     p_up.add_argument("--host", help="gateway bind address (EPD_GATEWAY_HOST, default 127.0.0.1)")
     p_up.add_argument("--model", help="model directory (EPD_MODEL; default: tiny preset, built if missing)")
     p_up.add_argument("--redis-url", help="external Redis (EPD_REDIS_URL; default: embedded)")
-    p_up.add_argument("--transfer-backend", choices=["mooncake", "shm"], help="EPD_TRANSFER_BACKEND")
+    p_up.add_argument("--transfer-backend", choices=["mooncake", "shm"],
+                      help="EPD_TRANSFER_BACKEND (default: shm on cpu, mooncake on cuda/npu)")
     p_up.add_argument("--topology", help="EPD_TOPOLOGY, e.g. E-P-D, EP-D, E-PD, EPD, (E-P)-D, 2E-1P-1D "
                       "(overrides the counts; see README 'Topologies')")
     p_up.set_defaults(func=_cmd_up)

@@ -26,6 +26,26 @@ class _Base(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="EPD_", extra="ignore", frozen=True)
 
 
+def _backend_for_device(backend: str, device: str) -> str:
+    """EPD_TRANSFER_BACKEND against EPD_DEVICE: regions live on the device, and ``shm`` holds
+    host memory only."""
+    if backend == "shm" and device.split(":", 1)[0] != "cpu":
+        raise ValueError(f"shm holds regions in host shared memory only; EPD_DEVICE={device} needs mooncake")
+    return backend
+
+
+def _protocol_for(protocol: str, backend: str | None, device: str) -> str:
+    """EPD_TRANSFER_PROTOCOL: a known name always; with the mooncake backend, one the installed
+    Mooncake build runs on this host for EPD_DEVICE (:func:`epd.transfer.protocols.check_protocol`)."""
+    from epd.transfer.protocols import PROTOCOLS, check_protocol
+
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"{protocol!r} is not one of {', '.join(PROTOCOLS)}")
+    if backend == "mooncake":
+        check_protocol(protocol, device)  # ProtocolError is a ValueError naming what is available
+    return protocol
+
+
 class CommonConfig(_Base):
     """Settings shared by the backend services (encoder, prefill, decode)."""
 
@@ -36,7 +56,8 @@ class CommonConfig(_Base):
     host: str = "127.0.0.1"  # address this instance binds and advertises
     port: int = Field(0, ge=0, le=65535)  # ZeroMQ inbox port; 0 = any free port
     instance_id: str = ""
-    transfer_backend: Literal["mooncake", "shm"] = "mooncake"
+    transfer_backend: Literal["mooncake", "shm"] = "mooncake"  # shm: same host, host memory only
+    transfer_protocol: str = "tcp"  # mooncake transport: tcp | rdma | ascend (epd.transfer.protocols)
     transfer_timeout_s: float = Field(10.0, gt=0)
     heartbeat_s: float = Field(1.0, gt=0)
     instance_ttl_s: float = Field(5.0, gt=0)
@@ -90,6 +111,16 @@ class CommonConfig(_Base):
         if v.split(":", 1)[0] not in ("cpu", "cuda", "npu"):
             raise ValueError("expected cpu, cuda[:N] or npu[:N]")
         return v
+
+    @field_validator("transfer_backend")
+    @classmethod
+    def _backend_fits_device(cls, v: str, info: ValidationInfo) -> str:
+        return _backend_for_device(v, info.data.get("device", "cpu"))
+
+    @field_validator("transfer_protocol")
+    @classmethod
+    def _protocol_available(cls, v: str, info: ValidationInfo) -> str:
+        return _protocol_for(v, info.data.get("transfer_backend"), info.data.get("device", "cpu"))
 
     def default_instance_id(self, role: str) -> str:
         return self.instance_id or f"{role}-{socket.gethostname()}-{os.getpid()}"
@@ -173,8 +204,9 @@ class LauncherConfig(_Base):
     encoders: int = Field(1, ge=0)
     prefills: int = Field(1, ge=1)
     decodes: int = Field(1, ge=1)
-    transfer_backend: Literal["mooncake", "shm"] = "mooncake"
-    device: str = "cpu"
+    device: str = "cpu"  # declared before the transfer settings, which are checked against it
+    transfer_backend: Literal["", "mooncake", "shm"] = ""  # "": shm on cpu (one host), mooncake on cuda/npu
+    transfer_protocol: str = "tcp"  # as CommonConfig
     startup_timeout_s: float = Field(180.0, gt=0)
     log_level: str = "INFO"
     drain_timeout_s: float = Field(30.0, gt=0)  # stopping: processes get this long (+5 s) before SIGKILL
@@ -192,6 +224,21 @@ class LauncherConfig(_Base):
 
         resolve_dtype(v)  # raises ValueError listing the allowed names
         return v
+
+    @field_validator("transfer_backend")
+    @classmethod
+    def _backend_resolved(cls, v: str, info: ValidationInfo) -> str:
+        """``""`` becomes ``shm`` on ``cpu`` (every process on this host, memcpy speed) and
+        ``mooncake`` on an accelerator (shm cannot hold device memory)."""
+        device = info.data.get("device", "cpu")
+        return _backend_for_device(v or ("shm" if device.split(":", 1)[0] == "cpu" else "mooncake"), device)
+
+    @field_validator("transfer_protocol")
+    @classmethod
+    def _protocol_available(cls, v: str, info: ValidationInfo) -> str:
+        # the name and the build's protocols only: each service checks that the build can register
+        # its own EPD_DEVICE's memory (cuda:N per process), so commands for a GPU host can be made here
+        return _protocol_for(v, info.data.get("transfer_backend"), "cpu")
 
     @field_validator("topology")
     @classmethod
@@ -222,7 +269,7 @@ def load(cls: type[_Base], **overrides: object) -> _Base:
         problems = []
         for err in exc.errors():
             field = str(err["loc"][0]) if err["loc"] else "?"
-            problems.append(f"EPD_{field.upper()}: {err['msg']}")
+            problems.append(f"EPD_{field.upper()}: {err['msg'].removeprefix('Value error, ')}")
         raise ConfigError("; ".join(problems)) from None
 
 

@@ -164,10 +164,13 @@ def up(cfg: LauncherConfig) -> int:
     port = cfg.gateway_port or free_port()
     dtype, why = resolve_dtype(cfg.dtype, cfg.device)
     print(f"dtype {dtype} ({why})", flush=True)
+    via = f"mooncake, {cfg.transfer_protocol}" if cfg.transfer_backend == "mooncake" else "shared memory, this host"
+    print(f"transfer backend {cfg.transfer_backend} ({via})", flush=True)
     env = {
         **os.environ, **environ_snapshot(), "EPD_REDIS_URL": redis_url, "EPD_MODEL": str(model),
         "EPD_GATEWAY_PORT": str(port), "EPD_GATEWAY_HOST": cfg.gateway_host,
-        "EPD_TRANSFER_BACKEND": cfg.transfer_backend, "EPD_DEVICE": cfg.device, "EPD_LOG_LEVEL": cfg.log_level,
+        "EPD_TRANSFER_BACKEND": cfg.transfer_backend, "EPD_TRANSFER_PROTOCOL": cfg.transfer_protocol,
+        "EPD_DEVICE": cfg.device, "EPD_LOG_LEVEL": cfg.log_level,
         "EPD_DTYPE": dtype,
         "PYTHONUNBUFFERED": "1",
     }

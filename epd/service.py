@@ -22,8 +22,6 @@ from __future__ import annotations
 import logging
 import os
 import queue
-import socket
-import sys
 import threading
 import time
 import uuid
@@ -32,73 +30,25 @@ from collections.abc import Callable
 import zmq
 
 from epd import device
-from epd.config import CommonConfig, ConfigError
+from epd.bootstrap import advertised_host, connect_registry, run_main, setup_logging
+from epd.config import CommonConfig
 from epd.registry.peers import PeerRef, PeerWatch
-from epd.registry.registry import Heartbeat, InstanceInfo, Registry, RegistryError, redact_url
+from epd.registry.registry import Heartbeat, InstanceInfo, RegistryError
 from epd.transfer import create_backend
 from epd.wire.auth import Signer, check_exposure, load_secret
 from epd.wire.codec import Dispatcher, WireError, unpack
 from epd.wire.gen import epd_pb2 as pb
 from epd.wire.sockets import Inbox, Outbox, WireTap
 
+# setup_logging, run_main, connect_registry and advertised_host moved to epd.bootstrap; still
+# importable from here for the services that do.
+__all__ = ["INFLIGHT_KEYS", "ServiceProc", "advertised_host", "connect_registry", "run_main", "setup_logging"]
+
 logger = logging.getLogger(__name__)
 
 # load() keys that count work not yet finished (encoder: images; prefill: requests;
 # decode: running requests + KV reservations waiting for their prefill).
 INFLIGHT_KEYS = ("queued_images", "queued_requests", "running", "reserved")
-
-
-def setup_logging(level: str, name: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format=f"%(asctime)s %(levelname)s {name} %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-
-
-def run_main(main: Callable[[], int | None]) -> None:
-    """Run a service entry point: configuration errors become one line on stderr and exit 2;
-    otherwise exit with ``main``'s return value (0 when None)."""
-    try:
-        code = main()
-    except ConfigError as exc:
-        print(f"configuration error: {exc}", file=sys.stderr)
-        sys.exit(2)
-    except RegistryError as exc:
-        print(f"configuration error: EPD_REDIS_URL: {exc}", file=sys.stderr)
-        sys.exit(2)
-    sys.exit(code or 0)
-
-
-def connect_registry(url: str, retry_s: float, secret: bytes | None = None) -> Registry:
-    """A :class:`Registry` whose Redis answered a ping, retrying for up to ``retry_s`` seconds.
-
-    Raises:
-        ConfigError: still unreachable after ``retry_s`` (names EPD_REDIS_URL and EPD_REDIS_RETRY_S).
-    """
-    registry = Registry(url, secret=secret)
-    deadline = time.monotonic() + retry_s
-    while True:
-        try:
-            registry.ping()
-            return registry
-        except RegistryError as exc:
-            if time.monotonic() >= deadline:
-                raise ConfigError(
-                    f"EPD_REDIS_URL: {exc} (gave up after {retry_s:g} s, EPD_REDIS_RETRY_S)"
-                ) from None
-            logger.warning("Redis at %s not reachable yet; retrying", redact_url(url))
-            time.sleep(min(0.5, max(0.0, deadline - time.monotonic())) or 0.05)
-
-
-def advertised_host(config: CommonConfig) -> str:
-    """The address peers use: EPD_ADVERTISE_HOST, else EPD_HOST, else (EPD_HOST a wildcard such
-    as 0.0.0.0 in a container) this host's address from its hostname."""
-    if config.advertise_host:
-        return config.advertise_host
-    if config.host not in ("0.0.0.0", "::", "*", ""):
-        return config.host
-    return socket.gethostbyname(socket.gethostname())
 
 
 class ServiceProc:
@@ -155,9 +105,10 @@ class ServiceProc:
             on_fail=lambda *failure: self._send_failures.put(failure),
         )
         self.transfer = create_backend(
-            config.transfer_backend, host=self.advertise, timeout_s=config.transfer_timeout_s
+            config.transfer_backend, host=self.advertise, timeout_s=config.transfer_timeout_s,
+            protocol=config.transfer_protocol,
         )
-        self.region = self.transfer.allocate(region_bytes, name_hint=role)
+        self.region = self.transfer.allocate(region_bytes, name_hint=role)  # on EPD_DEVICE (set above)
         self.dispatcher = Dispatcher(self.handlers())
         self.peers = PeerWatch(grace_s=2 * config.heartbeat_s + 0.5)
         self.deps: dict[str, tuple[PeerRef, ...]] = {}  # request id -> peers it depends on
@@ -407,9 +358,3 @@ class ServiceProc:
         self._set_state("stopped")
         self._stop_now.set()
         logger.info("%s stopped", self.instance_id)
-
-    def serve(self) -> int:
-        """Run this one role as a whole process (admin server, signals); returns the exit code."""
-        from epd.process_host import ProcessHost
-
-        return ProcessHost([self]).run()

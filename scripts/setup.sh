@@ -20,5 +20,5 @@ fi
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/pip install -q --disable-pip-version-check torch==2.13.0
-.venv/bin/pip install -q --disable-pip-version-check -e ".[dev,bench]"
+.venv/bin/pip install -q --disable-pip-version-check -e ".[dev,bench,cpu]"  # cpu: Mooncake's CPU build
 echo "setup: done (.venv)"

@@ -81,6 +81,15 @@ def tiny_model(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory)
 
 
+@pytest.fixture(scope="session")
+def hf_reference(tiny_model):
+    """HF ``generate(do_sample=False)`` on the tiny model, loaded once per session: the one
+    reference every exactness test compares with (:class:`tests.model_fixtures.HfReference`)."""
+    from tests.model_fixtures import HfReference
+
+    return HfReference(tiny_model)
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _torch_threads():
     os.environ.setdefault("OMP_NUM_THREADS", "2")

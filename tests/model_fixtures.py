@@ -52,3 +52,59 @@ def adapter_greedy(adapter, input_ids: list[int], images: list, max_new_tokens: 
         past_len += 1
         tokens.append(int(logits.argmax()))
     return tokens
+
+
+class HfReference:
+    """The correctness bar: greedy ids of HF ``Qwen2VLForConditionalGeneration.generate(do_sample=False)``.
+
+    One model per test session (``tests/conftest.py``'s ``hf_reference`` fixture); results are
+    cached per (images' pixels, text or prompt ids, ``max_new_tokens``).
+
+    Attributes:
+        model: the HF model (eval mode, the checkpoint's dtype).
+        processor: the image-only ``Qwen2VLProcessor`` (:func:`hf_processor`).
+    """
+
+    def __init__(self, model_dir: Path) -> None:
+        from transformers import Qwen2VLForConditionalGeneration
+
+        self.model = Qwen2VLForConditionalGeneration.from_pretrained(model_dir).eval()
+        self.processor = hf_processor(model_dir)
+        self._cache: dict[tuple, tuple[list[int], list[int]]] = {}
+
+    @property
+    def config(self):
+        return self.model.config
+
+    def inputs(self, images: list, text: str):
+        """HF model inputs (``input_ids``, ``pixel_values``, ``image_grid_thw``…) of one user turn."""
+        return hf_inputs(self.processor, images, text)
+
+    def greedy(self, images: list, text: str, max_new_tokens: int) -> tuple[list[int], list[int]]:
+        """``(prompt ids, generated ids)`` for a chat turn with ``images`` (PIL, in order) then ``text``."""
+        import hashlib
+
+        key = (tuple(hashlib.sha256(im.tobytes()).hexdigest() + str(im.size) + im.mode for im in images), text,
+               max_new_tokens)
+        if key not in self._cache:
+            inputs = self.inputs(images, text)
+            prompt = inputs["input_ids"][0].tolist()
+            self._cache[key] = (prompt, self._generate(inputs, len(prompt), max_new_tokens))
+        return self._cache[key]
+
+    def greedy_ids(self, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+        """Generated ids for a raw (untemplated, text-only) prompt."""
+        import torch
+
+        key = ("ids", tuple(prompt_ids), max_new_tokens)
+        if key not in self._cache:
+            inputs = {"input_ids": torch.tensor([prompt_ids])}
+            self._cache[key] = (list(prompt_ids), self._generate(inputs, len(prompt_ids), max_new_tokens))
+        return self._cache[key][1]
+
+    def _generate(self, inputs, prompt_len: int, max_new_tokens: int) -> list[int]:
+        import torch
+
+        with torch.no_grad():
+            out = self.model.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens)
+        return out[0, prompt_len:].tolist()

@@ -10,23 +10,19 @@ layer axis outermost makes one layer's K (or V) for a run of consecutive blocks 
 contiguous byte range, so a group of layers can be shipped as soon as it is computed
 (EPD-Serve §3.3) with one transfer per (layer, K/V, block run).
 
-The allocator is plain integers, as in nano-vllm's block manager: a deque of free ids and a
-set of used ids, with ``can_allocate`` before ``allocate`` so the caller decides first.
+The block allocator (:mod:`epd.engine.blocks`, torch-free so the planner's simulator runs the
+same accounting) is re-exported here.
 """
 
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass
 
 import torch
 
 from epd import device
 from epd.device import torch_dtype as to_torch_dtype
-
-
-class OutOfBlocks(RuntimeError):
-    """Not enough free KV blocks for the request."""
+from epd.engine.blocks import BlockAllocator, OutOfBlocks  # noqa: F401  (re-exported)
 
 
 @dataclass(frozen=True)
@@ -74,39 +70,6 @@ class KvLayout:
         return max(1, memory_bytes // per_block_all_layers)
 
 
-class BlockAllocator:
-    """Free/used accounting of ``num_blocks`` block ids (exact integers)."""
-
-    def __init__(self, num_blocks: int) -> None:
-        self.num_blocks = num_blocks
-        self.free_ids: deque[int] = deque(range(num_blocks))
-        self.used_ids: set[int] = set()
-
-    @property
-    def num_free(self) -> int:
-        return len(self.free_ids)
-
-    def can_allocate(self, n: int) -> bool:
-        return n <= len(self.free_ids)
-
-    def allocate(self, n: int) -> list[int]:
-        """Take ``n`` blocks. Raises :class:`OutOfBlocks` (and takes nothing) if fewer are free."""
-        if not self.can_allocate(n):
-            raise OutOfBlocks(f"need {n} KV blocks, {len(self.free_ids)} free of {self.num_blocks}")
-        ids = [self.free_ids.popleft() for _ in range(n)]
-        self.used_ids.update(ids)
-        return ids
-
-    def free(self, ids: list[int]) -> None:
-        """Return blocks. Raises ``ValueError`` on a block that is not in use (double free)."""
-        bad = [i for i in ids if i not in self.used_ids]
-        if bad or len(set(ids)) != len(ids):
-            raise ValueError(f"freeing KV blocks not in use: {bad}")
-        for i in ids:
-            self.used_ids.remove(i)
-            self.free_ids.append(i)
-
-
 def runs(block_ids: list[int]) -> list[tuple[int, int, int]]:
     """Split a block table into runs of consecutive ids.
 
@@ -151,10 +114,18 @@ def transfer_plan(
 class KvPool:
     """A KV pool tensor over a (registered) byte region plus its allocator.
 
+    The pool is used in place wherever ``storage`` lives: a transfer region allocated on the
+    process device (``EPD_DEVICE``) makes the KV device memory that peers write into directly,
+    with no host copy in between.
+
     Args:
         layout: pool geometry.
-        storage: uint8 tensor of at least ``layout.nbytes`` bytes (e.g. a transfer-registered
-            region); ``None`` allocates on the process device.
+        storage: uint8 tensor of at least ``layout.nbytes`` bytes (e.g. ``Region.tensor`` of a
+            transfer-registered region, on the device the model runs on); ``None`` allocates on
+            the process device.
+
+    Raises:
+        ValueError: ``storage`` is too small.
     """
 
     def __init__(self, layout: KvLayout, storage: torch.Tensor | None = None) -> None:

@@ -2,7 +2,9 @@
 
 Used for the encoder's feature pool and prefill's feature/KV staging area: both are one
 transfer-registered region (registration is expensive, so it happens once) carved into
-variable-size ranges. Free ranges are kept sorted and coalesced on free.
+variable-size ranges. Free ranges are kept sorted and coalesced on free. Only offsets are
+handled here: the region itself lives on the process device (``EPD_DEVICE``), and the ranges
+are views of it used in place.
 """
 
 from __future__ import annotations

@@ -20,14 +20,8 @@ rather than ``AutoProcessor``: without torchvision the latter fails on Qwen2-VL'
 processor, while the former falls back to ``Qwen2VLImageProcessorPil``.
 
 Per-role weights (DESIGN §7): :meth:`Qwen2VLAdapter.load` takes the ``parts`` to load —
-``"vision"`` (``model.visual``: patch embedding, ViT blocks, merger) and/or ``"language"``
-(``model.language_model``: embeddings, decoder layers, norm, rotary; and ``lm_head``).
-:func:`role_parts` maps roles to parts: the encoder loads vision only, prefill and decode
-language only, co-located roles the union. The input stays an HF checkpoint directory (single
-or sharded safetensors, hub key layout or module names; ``epd.models.weights``); the
-``Qwen2VLForConditionalGeneration`` is built as a meta-device skeleton and only the loaded
-parts get memory, the others are :class:`~epd.models.weights.MissingPart` placeholders.
-Loaded parts hold bit-for-bit the tensors ``from_pretrained`` would (tests/unit/test_role_weights.py).
+``"vision"`` and/or ``"language"``; :func:`role_parts` maps roles to parts. Which modules a part
+holds and how only those are materialised is :mod:`epd.models.qwen2_vl_parts` (re-exported here).
 """
 
 from __future__ import annotations
@@ -42,11 +36,12 @@ import torch
 
 from epd.device import get_device
 from epd.models.geometry import ImageGeometry
-from epd.models.weights import Checkpoint, MissingPart, PartNotLoadedError, build_empty
+from epd.models.qwen2_vl_parts import ALL_PARTS, LANGUAGE, VISION, load_partial_model, role_parts
+from epd.models.weights import PartNotLoadedError
 
 if TYPE_CHECKING:
     from PIL.Image import Image
-    from transformers import DynamicCache, Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    from transformers import DynamicCache
 
 __all__ = [
     "ALL_PARTS", "LANGUAGE", "VISION", "ImageGeometry", "LayerKV", "PartNotLoadedError", "PrefillOutput",
@@ -54,35 +49,6 @@ __all__ = [
 ]  # fmt: skip
 
 log = logging.getLogger(__name__)
-
-VISION = "vision"
-LANGUAGE = "language"
-ALL_PARTS = frozenset({VISION, LANGUAGE})
-#: The parts each role computes with (DESIGN §7).
-ROLE_PARTS = {"encoder": frozenset({VISION}), "prefill": frozenset({LANGUAGE}), "decode": frozenset({LANGUAGE})}
-
-#: Checkpoint key -> module name, first match wins (transformers' ``conversion_mapping`` for
-#: ``Qwen2VLForConditionalGeneration``): hub checkpoints and transformers 5's ``save_pretrained``
-#: write ``visual.*``, ``model.*`` (the LM) and ``lm_head.*``; keys already in module names
-#: (``model.visual.*``, ``model.language_model.*``) pass through unchanged.
-_KEY_RENAMES = (
-    (r"^visual\.", "model.visual."),
-    (r"^model\.(?!language_model\.|visual\.)", "model.language_model."),
-)
-_STALE_KEYS = (r"rotary_emb\.inv_freq$",)  # old checkpoints saved this buffer; transformers skips it too
-
-
-def role_parts(*roles: str) -> frozenset[str]:
-    """The parts (``"vision"``, ``"language"``) that ``roles`` (``encoder``, ``prefill``, ``decode``) need, united.
-
-    Raises:
-        ValueError: an unknown role, or no role.
-    """
-    unknown = [r for r in roles if r not in ROLE_PARTS]
-    if unknown or not roles:
-        raise ValueError(f"roles {roles!r}: expected one or more of {', '.join(ROLE_PARTS)}")
-    return frozenset().union(*(ROLE_PARTS[r] for r in roles))
-
 
 #: Per-layer KV: ``(k, v)``, each ``[num_kv_heads, seq_len, head_dim]``, adapter dtype, on the device.
 LayerKV = tuple[torch.Tensor, torch.Tensor]
@@ -169,7 +135,8 @@ class Qwen2VLAdapter:
         if not parts or not parts <= ALL_PARTS:
             raise ValueError(f"parts {sorted(parts)}: expected a non-empty subset of {sorted(ALL_PARTS)}")
         model_dir = Path(model_dir)
-        model, nbytes = _build_model(model_dir, Qwen2VLConfig.from_pretrained(model_dir), parts, dtype, get_device())
+        config = Qwen2VLConfig.from_pretrained(model_dir)
+        model, nbytes = load_partial_model(model_dir, config, parts, dtype, get_device())
         model.eval().requires_grad_(False)
         image_processor = AutoImageProcessor.from_pretrained(model_dir)
         eos = model.generation_config.eos_token_id
@@ -381,41 +348,3 @@ class Qwen2VLAdapter:
     def read_cache(cache: DynamicCache) -> list[LayerKV]:
         """Per-layer ``(k, v)``, each ``[num_kv_heads, seq_len, head_dim]`` contiguous (views of the cache)."""
         return [(layer.keys[0].contiguous(), layer.values[0].contiguous()) for layer in cache.layers]
-
-
-def _build_model(
-    model_dir: Path, config: Qwen2VLConfig, parts: frozenset[str], dtype: torch.dtype, device: torch.device
-) -> tuple[Qwen2VLForConditionalGeneration, int]:
-    """``Qwen2VLForConditionalGeneration`` with only ``parts`` materialised; returns it and the bytes loaded."""
-    from transformers import GenerationConfig, Qwen2VLForConditionalGeneration
-    from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel, Qwen2VLTextModel
-
-    ckpt = Checkpoint(model_dir, _KEY_RENAMES)
-    for cfg in (config, config.vision_config, config.text_config):
-        cfg.dtype = dtype  # as from_pretrained leaves it: the config names the weights' dtype
-    model = build_empty(lambda: Qwen2VLForConditionalGeneration(config), dtype, meta=True)
-    text, loaded = config.text_config, 0
-    if VISION in parts:
-        visual = build_empty(lambda: Qwen2VisionTransformerPretrainedModel(config.vision_config), dtype)
-        loaded += ckpt.load_into(visual, "model.visual", device=device, dtype=dtype, ignore=_STALE_KEYS)
-        model.model.visual = visual
-    else:
-        model.model.visual = MissingPart(VISION, parts)
-    if LANGUAGE in parts:
-        lm = build_empty(lambda: Qwen2VLTextModel(text), dtype)
-        loaded += ckpt.load_into(lm, "model.language_model", device=device, dtype=dtype, ignore=_STALE_KEYS)
-        head = build_empty(lambda: torch.nn.Linear(text.hidden_size, text.vocab_size, bias=False), dtype)
-        if config.tie_word_embeddings:  # Qwen2-VL-2B: lm_head shares the embedding matrix
-            head.weight = lm.embed_tokens.weight
-        else:
-            loaded += ckpt.load_into(head, "lm_head", device=device, dtype=dtype)
-        model.model.language_model, model.lm_head = lm, head
-    else:
-        model.model.language_model = model.lm_head = MissingPart(LANGUAGE, parts)
-    model.to(device)  # the buffers built on the CPU (rotary inv_freq); parameters are there already
-    left = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
-    if left:
-        raise RuntimeError(f"{model_dir}: tensors left unmaterialised: {left[:5]}")
-    if (model_dir / "generation_config.json").is_file():
-        model.generation_config = GenerationConfig.from_pretrained(model_dir)
-    return model, loaded

@@ -9,6 +9,9 @@ tensor at a time from the memory-mapped file, so tensors of other parts are neve
   (checkpoint keys renamed by the family's rules, as transformers' ``conversion_mapping`` does);
   :meth:`Checkpoint.load_into` assigns a submodule's tensors.
 * :class:`MissingPart` — stands in for a submodule that was not loaded; using it names the part.
+* :class:`MissingWeightsError` — the checkpoint holds no tensor at all of a part the process needs
+  (a vision-only or LM-only checkpoint given to the wrong role): a configuration error naming
+  ``EPD_MODEL``, so the service prints one line and exits 2.
 * :func:`build_empty` — constructs a module as ``from_pretrained`` would (default dtype set,
   no weight init) but without touching its parameter memory, for the tensors to be assigned.
 """
@@ -26,7 +29,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-__all__ = ["SINGLE_FILE", "INDEX_FILE", "Checkpoint", "MissingPart", "PartNotLoadedError", "build_empty"]
+from epd.config import ConfigError
+
+__all__ = [
+    "SINGLE_FILE", "INDEX_FILE", "Checkpoint", "MissingPart", "MissingWeightsError", "PartNotLoadedError",
+    "build_empty",
+]
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +44,20 @@ INDEX_FILE = "model.safetensors.index.json"
 
 class PartNotLoadedError(RuntimeError):
     """An operation needs weights of a part this model was loaded without."""
+
+
+class MissingWeightsError(ConfigError):
+    """The checkpoint directory (``EPD_MODEL``) holds no tensor of a part a role needs.
+
+    Message: ``EPD_MODEL: <dir> has no <part> weights (needed by role <roles>)``. A
+    :class:`~epd.config.ConfigError`, so a service entry point prints it as one line and exits 2.
+    """
+
+    def __init__(self, directory: Path, part: str, needed_by: Iterable[str] = ()) -> None:
+        roles = " or ".join(needed_by)
+        suffix = f" (needed by role {roles})" if roles else ""
+        super().__init__(f"EPD_MODEL: {directory} has no {part} weights{suffix}")
+        self.directory, self.part = directory, part
 
 
 class MissingPart(nn.Module):
@@ -146,6 +168,8 @@ class Checkpoint:
         device: torch.device,
         dtype: torch.dtype,
         ignore: tuple[str, ...] = (),
+        part: str = "",
+        needed_by: Iterable[str] = (),
     ) -> int:
         """Assign the tensors named ``prefix.*`` to ``module``'s parameters and persistent buffers.
 
@@ -161,17 +185,22 @@ class Checkpoint:
             prefix: its module name in the full model, e.g. ``"model.visual"``.
             device, dtype: where and in which floating dtype the tensors live.
             ignore: regexes of checkpoint names under ``prefix`` to skip (stale buffers).
+            part, needed_by: what the module is (``"vision"``) and which roles load it, for
+                :class:`MissingWeightsError`.
 
         Returns:
             Bytes of the tensors assigned.
 
         Raises:
+            MissingWeightsError: the checkpoint has no tensor at all under ``prefix``.
             ValueError: a tensor of ``module`` is missing from the checkpoint, or the checkpoint
                 has a tensor under ``prefix`` that ``module`` lacks (names the first few).
         """
         lead = prefix + "."
         wanted = set(module.state_dict(keep_vars=True))
         have = {n[len(lead) :] for n in self.names(lead) if not any(re.search(p, n) for p in ignore)}
+        if wanted and not have:
+            raise MissingWeightsError(self.directory, part or prefix, needed_by)
         missing, unexpected = sorted(wanted - have), sorted(have - wanted)
         if missing or unexpected:
             raise ValueError(

@@ -33,7 +33,7 @@ def _worker(model: str, dtype: str) -> None:
     from epd.device import torch_dtype
     from epd.models.qwen2_runner import Qwen2VLRunner
     from epd.models.qwen2_vl import Qwen2VLAdapter
-    from epd.plan.profiler import sample_images
+    from epd.plan.probes import sample_images
 
     adapter = Qwen2VLAdapter.load(model, dtype=torch_dtype(dtype))
     runner = Qwen2VLRunner(adapter)
@@ -69,7 +69,7 @@ def _colocated_worker(model: str, dtype: str, seconds: float) -> None:
     from epd.device import torch_dtype
     from epd.models.qwen2_runner import Qwen2VLRunner
     from epd.models.qwen2_vl import Qwen2VLAdapter
-    from epd.plan.profiler import sample_images
+    from epd.plan.probes import sample_images
 
     adapter = Qwen2VLAdapter.load(model, dtype=torch_dtype(dtype))
     runner = Qwen2VLRunner(adapter)

@@ -4,19 +4,22 @@ The receiver of a tensor allocates a region and publishes its handle (over ZeroM
 registry); the other side moves bytes into or out of it without the owner's code running
 (the Mooncake Transfer Engine model: register memory, then ``batch_transfer_sync_write`` /
 ``_read`` against a peer's addresses). Control messages only ever carry a handle plus
-offsets and byte lengths — never tensor bytes.
-
-Lifecycle of one operation, as seen through :class:`TransferFuture` (the poll states
-follow SGLang's disaggregation ``KVPoll``, reduced to three; ``FAILED`` is sticky)::
-
-    validate (lengths, local + remote bounds) ─▶ PENDING ─▶ SUCCESS
-                 │ TransferError, nothing moved      └────▶ FAILED (error or deadline)
+offsets and byte lengths — never tensor bytes. Operation lifecycle and poll states:
+:mod:`epd.transfer.future`; segment batches: :mod:`epd.transfer.segments`; building a backend:
+:func:`epd.transfer.factory.create_backend`.
 
 Design decisions:
 - Memory is only obtained through :meth:`TransferBackend.allocate`: the shared-memory
   backend must create the memory itself, and Mooncake can register a buffer it allocated
   just as well, so one allocation call fits both. Callers view ``region.tensor`` (uint8)
   as any dtype with ``.view(dtype)``.
+- Regions live on the process device (``EPD_DEVICE``, :func:`epd.device.get_device`): host
+  memory for ``cpu``, device memory for ``cuda``/``npu`` (registered with the engine as it is;
+  the KV and feature pools are used in place, never staged through host memory here). A backend
+  that cannot address device memory (``shm``) refuses such a region.
+- Work queued on an accelerator is fenced before a transfer reads or overwrites a device region:
+  an event recorded on the caller's current stream when the operation is submitted is waited
+  for on the thread that runs it, so later kernels (the next layers) keep running meanwhile.
 - Handles are opaque strings that encode the remote region's byte size, so every segment
   is bounds-checked on both sides before a byte moves.
 - Every operation has a deadline (``timeout_s``); nothing waits forever on a dead peer.
@@ -26,39 +29,26 @@ from __future__ import annotations
 
 import abc
 import concurrent.futures as cf
-import enum
 import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Literal, NamedTuple
+from typing import Literal
 
 import torch
+
+from epd import device as process_device
+from epd.transfer.future import TransferError, TransferFuture, TransferState
+from epd.transfer.segments import Segments, check_bounds, check_lists, merge_segments
+
+__all__ = [
+    "Op", "Region", "Segments", "TransferBackend", "TransferError", "TransferFuture", "TransferState",
+    "TransferStats", "check_bounds", "merge_segments",
+]
 
 logger = logging.getLogger(__name__)
 
 Op = Literal["write", "read"]
-
-
-class Segments(NamedTuple):
-    """A batch of byte segments: segment ``i`` is ``(local_offsets[i], remote_offsets[i], lengths[i])``."""
-
-    local_offsets: list[int]
-    remote_offsets: list[int]
-    lengths: list[int]
-
-
-class TransferError(RuntimeError):
-    """A transfer failed: dead or unreachable peer, out-of-bounds segment, bad handle,
-    deadline passed, or the backend is closed."""
-
-
-class TransferState(enum.Enum):
-    """Poll state of one operation (after SGLang's ``KVPoll``). ``FAILED`` is sticky."""
-
-    PENDING = "pending"
-    SUCCESS = "success"
-    FAILED = "failed"
 
 
 @dataclass(frozen=True)
@@ -66,17 +56,23 @@ class Region:
     """A locally registered, zero-filled memory region.
 
     Attributes:
-        tensor: uint8 CPU tensor of ``nbytes`` elements over the registered memory; keeps
-            the memory alive. Reinterpret with ``tensor.view(dtype)``.
+        tensor: uint8 tensor of ``nbytes`` elements over the registered memory, on the device
+            the region was allocated on (``tensor.device``); keeps the memory alive.
+            Reinterpret with ``tensor.view(dtype)``.
         handle: opaque string peers pass to ``write``/``read`` to address this region.
         nbytes: size in bytes.
-        base_ptr: address of byte 0 in this process.
+        base_ptr: address of byte 0 in this process (a device pointer for device memory).
     """
 
     tensor: torch.Tensor
     handle: str
     nbytes: int
     base_ptr: int
+
+    @property
+    def device(self) -> torch.device:
+        """Where the region's memory lives."""
+        return self.tensor.device
 
 
 @dataclass
@@ -90,129 +86,13 @@ class TransferStats:
     seconds: float = 0.0
 
 
-class TransferFuture:
-    """Completion of one asynchronous batched operation.
-
-    The deadline is ``submit time + timeout_s``; once it passes while still pending, the
-    state becomes ``FAILED`` (sticky) even if the backend later finishes.
-    """
-
-    def __init__(self, inner: cf.Future, nbytes: int, timeout_s: float) -> None:
-        self._inner = inner
-        self._start = time.monotonic()
-        self._timeout_s = timeout_s
-        self._deadline = self._start + timeout_s
-        self._end: float | None = None
-        self._failed_reason: str | None = None
-        self.nbytes = nbytes
-        inner.add_done_callback(self._on_done)
-
-    @classmethod
-    def completed(cls, nbytes: int) -> TransferFuture:
-        """A future for an operation that already succeeded inline."""
-        inner: cf.Future = cf.Future()
-        inner.set_result(None)
-        return cls(inner, nbytes, timeout_s=float("inf"))
-
-    def _on_done(self, _inner: cf.Future) -> None:
-        self._end = time.monotonic()
-        if self._end > self._deadline and self._failed_reason is None:
-            self._failed_reason = f"transfer finished {self._end - self._deadline:.3f} s after its deadline"
-
-    @property
-    def state(self) -> TransferState:
-        if self._failed_reason is not None:
-            return TransferState.FAILED
-        if self._inner.done():
-            if self._inner.cancelled() or self._inner.exception() is not None:
-                return TransferState.FAILED
-            return TransferState.SUCCESS
-        if time.monotonic() > self._deadline:
-            self._failed_reason = f"transfer of {self.nbytes} bytes not done within its {self._timeout_s:.3f} s timeout"
-            return TransferState.FAILED
-        return TransferState.PENDING
-
-    def done(self) -> bool:
-        """True once the state is ``SUCCESS`` or ``FAILED``; never blocks."""
-        return self.state is not TransferState.PENDING
-
-    @property
-    def elapsed_s(self) -> float:
-        """Seconds from submission to completion (to now while pending)."""
-        end = self._end if self._end is not None else time.monotonic()
-        return end - self._start
-
-    def wait(self, timeout_s: float | None = None) -> None:
-        """Block until the operation finishes.
-
-        Args:
-            timeout_s: at most this many seconds; ``None`` waits until the operation's own
-                deadline.
-
-        Raises:
-            TransferError: the operation failed, or it was not done in time (the state is
-                ``FAILED`` only if the operation's own deadline passed).
-        """
-        budget = max(0.0, self._deadline - time.monotonic())
-        if timeout_s is not None:
-            budget = min(budget, timeout_s)
-        try:
-            self._inner.result(timeout=budget)
-        except cf.TimeoutError:
-            if self.state is TransferState.FAILED:
-                raise TransferError(self._failed_reason) from None
-            raise TransferError(f"transfer of {self.nbytes} bytes not done after waiting {budget:.3f} s") from None
-        except TransferError:
-            raise
-        except Exception as exc:  # a backend bug must still surface as a failed transfer
-            raise TransferError(f"transfer failed: {exc!r}") from exc
-        if self._failed_reason is not None:
-            raise TransferError(self._failed_reason)
-
-
-def merge_segments(
-    local_offsets: list[int], remote_offsets: list[int], lengths: list[int]
-) -> tuple[list[int], list[int], list[int]]:
-    """Coalesce consecutive segments that are contiguous on both sides into one.
-
-    Segment ``i+1`` joins segment ``i`` when it starts where ``i`` ends both locally and
-    remotely. List order is kept (sort first to merge more); zero-length segments are
-    dropped. Used to send a run of consecutive KV blocks as one transfer (DESIGN §6).
-
-    Example: ``([0, 4, 16], [100, 104, 200], [4, 4, 4])`` → ``([0, 16], [100, 200], [8, 4])``.
-    """
-    _check_lists(local_offsets, remote_offsets, lengths)
-    out_l: list[int] = []
-    out_r: list[int] = []
-    out_n: list[int] = []
-    for lo, ro, n in zip(local_offsets, remote_offsets, lengths, strict=True):
-        if n == 0:
-            continue
-        if out_n and out_l[-1] + out_n[-1] == lo and out_r[-1] + out_n[-1] == ro:
-            out_n[-1] += n
-        else:
-            out_l.append(lo)
-            out_r.append(ro)
-            out_n.append(n)
-    return out_l, out_r, out_n
-
-
-def _check_lists(local_offsets: list[int], remote_offsets: list[int], lengths: list[int]) -> None:
-    if not len(local_offsets) == len(remote_offsets) == len(lengths):
-        raise TransferError(
-            f"segment lists differ in length: {len(local_offsets)} local, {len(remote_offsets)} remote, "
-            f"{len(lengths)} lengths"
-        )
-    for x in (*local_offsets, *remote_offsets, *lengths):
-        if x < 0:
-            raise TransferError(f"negative offset or length {x}")
-
-
-def check_bounds(offsets: list[int], lengths: list[int], size: int, side: str) -> None:
-    """Raise :class:`TransferError` if any ``[offset, offset + length)`` exceeds ``size`` bytes."""
-    for off, n in zip(offsets, lengths, strict=True):
-        if off + n > size:
-            raise TransferError(f"{side} segment [{off}, {off + n}) is outside the {size}-byte region")
+def _fence(region: Region) -> torch.Event | None:
+    """An event marking the work queued so far on the region's accelerator (``None`` on the host)."""
+    if region.device.type == "cpu":
+        return None
+    event = torch.Event(device=region.device)
+    event.record()
+    return event
 
 
 class TransferBackend(abc.ABC):
@@ -242,20 +122,29 @@ class TransferBackend(abc.ABC):
         self._closed = False
 
     # -- public API -------------------------------------------------------------------
-    def allocate(self, nbytes: int, name_hint: str = "") -> Region:
+    def allocate(self, nbytes: int, name_hint: str = "", device: torch.device | str | None = None) -> Region:
         """Allocate and register ``nbytes`` zero-filled bytes that peers can address.
+
+        Args:
+            nbytes: size in bytes.
+            name_hint: a word for logs and (shm) segment names.
+            device: where the memory lives; ``None``: the process device (``EPD_DEVICE``, see
+                :func:`epd.device.get_device`): host memory for ``cpu``, device memory for
+                ``cuda[:N]`` / ``npu[:N]``.
 
         Raises:
             ValueError: ``nbytes`` is not positive.
-            TransferError: the backend is closed or registration failed.
+            TransferError: the backend is closed, cannot hold memory on ``device`` (shm: host
+                memory only; mooncake: a build for that device), or registration failed.
         """
         if nbytes <= 0:
             raise ValueError(f"nbytes must be > 0, got {nbytes!r}")
         self._ensure_open()
-        region = self._allocate(nbytes, name_hint)
+        where = torch.device(device) if device is not None else process_device.get_device()
+        region = self._allocate(nbytes, name_hint, where)
         with self._lock:
             self._regions.append(region)
-        logger.debug("%s allocated %d bytes as %s", self.kind, nbytes, region.handle)
+        logger.debug("%s allocated %d bytes on %s as %s", self.kind, nbytes, where, region.handle)
         return region
 
     def free(self, region: Region) -> None:
@@ -329,7 +218,8 @@ class TransferBackend(abc.ABC):
 
     # -- subclass hooks ---------------------------------------------------------------
     @abc.abstractmethod
-    def _allocate(self, nbytes: int, name_hint: str) -> Region: ...
+    def _allocate(self, nbytes: int, name_hint: str, device: torch.device) -> Region:
+        """Allocate ``nbytes`` zero-filled bytes on ``device`` and register them; raise TransferError."""
 
     @abc.abstractmethod
     def _free(self, region: Region) -> None: ...
@@ -353,15 +243,16 @@ class TransferBackend(abc.ABC):
 
     def _start(self, op: Op, local: Region, remote_handle: str, segs: Segments, sync: bool) -> TransferFuture:
         self._ensure_open()
-        _check_lists(*segs)
+        check_lists(*segs)
         check_bounds(segs.local_offsets, segs.lengths, local.nbytes, "local")
         check_bounds(segs.remote_offsets, segs.lengths, self._remote_nbytes(remote_handle), "remote")
         nbytes = sum(segs.lengths)
+        fence = _fence(local)
         if sync and not self._watchdog:
-            self._timed(op, nbytes, local, remote_handle, segs)
+            self._timed(op, nbytes, local, remote_handle, segs, fence)
             return TransferFuture.completed(nbytes)
         try:
-            inner = self._pool.submit(self._timed, op, nbytes, local, remote_handle, segs)
+            inner = self._pool.submit(self._timed, op, nbytes, local, remote_handle, segs, fence)
         except RuntimeError as exc:  # pool shut down by a concurrent close()
             raise TransferError(f"{self.kind} transfer backend is closed") from exc
         future = TransferFuture(inner, nbytes, self.timeout_s)
@@ -369,9 +260,12 @@ class TransferBackend(abc.ABC):
             future.wait()
         return future
 
-    def _timed(self, op: Op, nbytes: int, local: Region, remote_handle: str, segs: Segments) -> None:
+    def _timed(self, op: Op, nbytes: int, local: Region, remote_handle: str, segs: Segments,
+               fence: torch.Event | None = None) -> None:
         start = time.monotonic()
         try:
+            if fence is not None:  # the kernels that wrote (or still read) these bytes are done
+                fence.synchronize()
             self._transfer(op, local, remote_handle, segs)
         except BaseException:
             with self._lock:
@@ -385,27 +279,3 @@ class TransferBackend(abc.ABC):
                 self.stats.bytes_written += nbytes
             else:
                 self.stats.bytes_read += nbytes
-
-
-def create_backend(kind: str, host: str = "127.0.0.1", timeout_s: float = 5.0) -> TransferBackend:
-    """Build a transfer backend.
-
-    Args:
-        kind: ``"mooncake"`` (Mooncake Transfer Engine over TCP; any host) or ``"shm"``
-            (POSIX shared memory; peers on the same host only).
-        host: address peers reach this process at (mooncake only).
-        timeout_s: deadline of every operation in seconds.
-
-    Raises:
-        ValueError: unknown ``kind``.
-        TransferError: the backend could not start.
-    """
-    if kind == "mooncake":
-        from epd.transfer.mooncake import MooncakeBackend
-
-        return MooncakeBackend(host=host, timeout_s=timeout_s)
-    if kind == "shm":
-        from epd.transfer.shm import ShmBackend
-
-        return ShmBackend(timeout_s=timeout_s)
-    raise ValueError(f"unknown transfer backend {kind!r} (expected 'mooncake' or 'shm')")

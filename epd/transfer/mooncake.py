@@ -2,8 +2,13 @@
 
 Each backend owns one engine, initialised in peer-to-peer handshake mode
 (``initialize(host, "P2PHANDSHAKE", protocol, "")``; no metadata server), which listens on
-an RPC port of its own. Regions are torch-allocated CPU buffers registered with
-``register_memory``; peers address them as ``mooncake://<host>:<rpc_port>/<base_hex>/<nbytes>``
+an RPC port of its own. The transport is ``EPD_TRANSFER_PROTOCOL`` (``tcp``, ``rdma``,
+``ascend``), checked against the installed build and steered through the library's variables
+(:mod:`epd.transfer.protocols`: ``initialize`` itself does not choose by ``protocol``).
+Regions are torch-allocated buffers on the process device (host memory for ``cpu``; device
+memory for ``cuda``/``npu``, which needs the Mooncake build for that hardware) registered with
+``register_memory`` as they are (the library finds a device pointer's location itself);
+peers address them as ``mooncake://<host>:<rpc_port>/<base_hex>/<nbytes>``
 and move batches with ``batch_transfer_sync_write`` / ``batch_transfer_sync_read``
 (target ``"<host>:<rpc_port>"``, absolute remote addresses).
 
@@ -59,10 +64,13 @@ import os
 import re
 import socket
 import struct
+import threading
 from typing import Any
 
 import torch
 
+import epd.transfer.protocols as protocols
+from epd import device as process_device
 from epd.transfer.base import Op, Region, Segments, TransferBackend, TransferError
 
 logger = logging.getLogger(__name__)
@@ -73,6 +81,9 @@ _MIN_LIBRARY_TIMEOUT_S = 5  # the library clamps MC_TRANSFER_TIMEOUT to at least
 # 2,049 segments pass, 3,000 fail with "TCP lane queue-full rejection"). Batches are split into
 # chunks of this many segments so that even `workers` concurrent ones stay under the limit.
 MAX_SEGMENTS_PER_CALL = 512
+# initialize() reads the MC_* variables of the protocol from the process environment: backends
+# started from several threads must not see each other's.
+_init_lock = threading.Lock()
 
 
 def _import_engine() -> Any:
@@ -86,6 +97,19 @@ def _import_engine() -> Any:
             f"mooncake transfer backend needs the 'mooncake-transfer-engine' package and Debian's libibverbs1: {exc}"
         ) from exc
     return TransferEngine
+
+
+def _select_accelerator() -> None:
+    """Make the process device (``EPD_DEVICE``) the current CUDA/NPU device before ``initialize``:
+    the Ascend transports need it (Mooncake's ascend_direct_transport.md, "Device Setup Required"),
+    and the CUDA build's TCP transport copies device memory on the current device."""
+    dev = process_device.get_device()
+    if dev.index is None:  # cpu, or the accelerator's current device already
+        return
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    elif dev.type == "npu":
+        torch.npu.set_device(dev)  # type: ignore[attr-defined]  (torch_npu, imported by epd.device)
 
 
 def _own_wildcard_listeners() -> dict[int, int]:
@@ -188,13 +212,16 @@ class MooncakeBackend(TransferBackend):
     Args:
         host: address peers reach this engine at; the RPC port is chosen by the library.
         timeout_s: deadline of every operation in seconds.
-        protocol: Mooncake transport (``"tcp"`` here; ``"rdma"``, ``"ascend"`` elsewhere).
+        protocol: Mooncake transport, ``EPD_TRANSFER_PROTOCOL`` (``"tcp"``; ``"rdma"`` with an
+            RDMA device; ``"ascend"`` with the Ascend build).
         device_name: comma-separated NIC/device filter, ``""`` for all.
         workers: threads that run transfers (a peer that stopped answering pins one for up
             to ``max(5, timeout_s)`` seconds).
 
     Raises:
-        TransferError: the library is missing or the engine failed to start.
+        TransferError: the library is missing, the protocol is unknown or not available with
+            the installed build on this host (the message lists what is), or the engine failed
+            to start.
     """
 
     kind = "mooncake"
@@ -207,12 +234,25 @@ class MooncakeBackend(TransferBackend):
         device_name: str = "",
         workers: int = 4,
     ) -> None:
+        try:
+            protocols.check_protocol(protocol)
+        except protocols.ProtocolError as exc:
+            raise TransferError(f"EPD_TRANSFER_PROTOCOL: {exc}") from None
         super().__init__(timeout_s=timeout_s, watchdog=True, workers=workers)
+        self.protocol = protocol
+        self.build = protocols.installed_build()
+        _select_accelerator()
         engine_cls = _import_engine()
-        os.environ["MC_TRANSFER_TIMEOUT"] = str(max(_MIN_LIBRARY_TIMEOUT_S, math.ceil(timeout_s)))
-        self._engine = engine_cls()
-        before = _own_wildcard_listeners()
-        ret = self._engine.initialize(host, "P2PHANDSHAKE", protocol, device_name)
+        with _init_lock:
+            os.environ["MC_TRANSFER_TIMEOUT"] = str(max(_MIN_LIBRARY_TIMEOUT_S, math.ceil(timeout_s)))
+            for name, value in protocols.engine_environment(protocol).items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
+            self._engine = engine_cls()
+            before = _own_wildcard_listeners()
+            ret = self._engine.initialize(host, "P2PHANDSHAKE", protocol, device_name)
         if ret != 0:
             self._pool.shutdown(wait=False)
             raise TransferError(f"mooncake engine failed to start on {host} (protocol {protocol}): code {ret}")
@@ -248,12 +288,17 @@ class MooncakeBackend(TransferBackend):
             return None
         return device
 
-    def _allocate(self, nbytes: int, name_hint: str) -> Region:
-        tensor = torch.zeros(nbytes, dtype=torch.uint8)
+    def _allocate(self, nbytes: int, name_hint: str, device: torch.device) -> Region:
+        if self.build is not None and device.type not in self.build.devices:
+            raise TransferError(
+                f"the installed Mooncake build {self.build.distribution} registers only "
+                f"{', '.join(self.build.devices)} memory, not {device} (README 'Devices and transports')"
+            )
+        tensor = torch.zeros(nbytes, dtype=torch.uint8, device=device)
         ptr = tensor.data_ptr()
         ret = self._engine.register_memory(ptr, nbytes)
         if ret != 0:
-            raise TransferError(f"mooncake register_memory({nbytes} bytes) failed: code {ret}")
+            raise TransferError(f"mooncake register_memory({nbytes} bytes on {device}) failed: code {ret}")
         handle = f"mooncake://{self.endpoint}/{ptr:x}/{nbytes}"
         return Region(tensor=tensor, handle=handle, nbytes=nbytes, base_ptr=ptr)
 

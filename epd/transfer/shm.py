@@ -112,7 +112,8 @@ class ShmBackend(TransferBackend):
     """Transfer backend for peers on the same host: shared-memory segments plus memcpy.
 
     Transfers run inline (a memcpy cannot block on a peer), asynchronous ones on a worker
-    thread. See the module docstring for naming, liveness and cleanup.
+    thread. Regions are host memory only: :meth:`allocate` on a ``cuda``/``npu`` device raises
+    :class:`TransferError`. See the module docstring for naming, liveness and cleanup.
 
     Args:
         timeout_s: deadline of every operation in seconds.
@@ -129,7 +130,12 @@ class ShmBackend(TransferBackend):
         self._owned: dict[str, torch.Tensor] = {}
         self._peers: dict[str, torch.Tensor] = {}
 
-    def _allocate(self, nbytes: int, name_hint: str) -> Region:
+    def _allocate(self, nbytes: int, name_hint: str, device: torch.device) -> Region:
+        if device.type != "cpu":
+            raise TransferError(
+                f"the shm transfer backend holds regions in host shared memory only, not on {device}; "
+                "use EPD_TRANSFER_BACKEND=mooncake for device memory"
+            )
         pid = os.getpid()
         hint = _HINT_RE.sub("_", name_hint)[:48]
         name = f"{SEGMENT_PREFIX}{pid}-{next(_counter)}" + (f"-{hint}" if hint else "")

@@ -1,4 +1,6 @@
-"""Decode process: owns the KV block pool; continuous batching over every running request.
+"""Decode process (vLLM v1's ``EngineCoreProc`` side): messages → :class:`DecodeEngine` →
+messages (conversions in ``services/decode/convert.py``). Owns the KV block pool; continuous
+batching over every running request.
 
 Loop steps: receive (KvAllocRequest → queued, KvReady → joins, AbortRequest → freed) ▸
 engine step (admit ▸ expire ▸ schedule ▸ one batched forward ▸ sample) ▸ send KvAllocated,
@@ -13,12 +15,12 @@ import time
 from epd.config import DecodeConfig
 from epd.device import torch_dtype
 from epd.engine.kv_pool import KvLayout, KvPool
-from epd.engine.sampling import SamplingParams
 from epd.engine.tombstones import Tombstones
 from epd.models.qwen2_runner import Qwen2VLRunner
 from epd.models.qwen2_vl import Qwen2VLAdapter, role_parts
 from epd.service import ServiceProc
 from epd.wire.gen import epd_pb2 as pb
+from services.decode import convert
 from services.decode.core import DecodeEngine, StepOutput
 
 logger = logging.getLogger(__name__)
@@ -83,8 +85,8 @@ class DecodeProc(ServiceProc):
         if msg.request_id in self.aborted:
             return
         try:
-            self.engine.start(msg.request_id, msg.first_token_id, msg.rope_delta,
-                              SamplingParams.from_proto(msg.sampling), msg.deadline)
+            self.engine.start(msg.request_id, msg.first_token_id, msg.rope_delta, convert.sampling_from_proto(msg),
+                              msg.deadline)
         except KeyError:
             self.fail(msg.reply_to, msg.request_id, pb.INTERNAL, "decode holds no KV blocks for this request")
             return
@@ -105,27 +107,16 @@ class DecodeProc(ServiceProc):
         return bool(sched.running) or bool(out.admitted)
 
     def _emit(self, out: StepOutput) -> None:
-        lay = self.layout
         for req in out.admitted:
-            self.send(req.reply_to, pb.KvAllocated(
-                request_id=req.request_id, session=self.region.handle,
-                layout=pb.KvLayout(num_layers=lay.num_layers, num_blocks=lay.num_blocks, block_size=lay.block_size,
-                                   num_kv_heads=lay.num_kv_heads, head_dim=lay.head_dim, dtype=lay.dtype),
-                block_ids=req.block_ids, decode_instance=self.instance_id,
-            ))
+            self.send(req.reply_to, convert.kv_allocated(req, self.region.handle, self.layout, self.instance_id))
         for req, token, reason in out.tokens:
-            reply_to = self.reply_to.get(req.request_id, "")
-            self.send(reply_to, pb.TokenDelta(
-                request_id=req.request_id, token_ids=[token], finished=reason is not None,
-                finish_reason=reason or "", num_prompt_tokens=req.num_prompt_tokens, stage="decode",
-                offset=len(req.tokens) - 1,
-            ))
+            self.send(self.reply_to.get(req.request_id, ""), convert.token_delta(req, token, reason))
             if reason is not None:
                 self.reply_to.pop(req.request_id, None)
         for req, code, message in out.failed:
             # before KvReady the failure goes to prefill (which tells the gateway), after it to the gateway
             target = self.reply_to.pop(req.request_id, None) or req.reply_to
-            self.fail(target, req.request_id, pb.ErrorCode.Value(code), message)
+            self.fail(target, req.request_id, convert.error_code(code), message)
 
     def has_request(self, request_id: str) -> bool:
         return self.engine.sched.knows(request_id)

@@ -5,17 +5,17 @@ import logging
 from aiohttp import web
 
 from epd import config
-from epd.service import run_main, setup_logging
+from epd.bootstrap import run_main, setup_logging
 
 
 def main() -> None:
     cfg = config.load(config.GatewayConfig)
     setup_logging(cfg.log_level, "gateway")
-    from services.gateway.app import make_app  # after config: heavy imports
+    from services.gateway.http import make_app  # after config: heavy imports
 
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     # handler_cancellation: a client that disconnects cancels its handler, whose cleanup aborts
-    # the request in every stage (services.gateway.responder.respond).
+    # the request in every stage (services.gateway.responder.respond, Generation.close).
     web.run_app(make_app(cfg), host=cfg.gateway_host, port=cfg.gateway_port, print=None,
                 handler_cancellation=True)
 

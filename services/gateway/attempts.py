@@ -27,7 +27,7 @@ import asyncio
 import logging
 
 from epd.wire.gen import epd_pb2 as pb
-from services.gateway.app import Admitted, Gateway, StageUnreachable
+from services.gateway.core import Admitted, GatewayCore, StageUnreachable
 from services.gateway.prompt import Prompt
 from services.gateway.protocol import ApiError
 
@@ -38,7 +38,7 @@ class RequestRun:
     """The attempts of one client request.
 
     Args:
-        gw: the gateway.
+        gw: the gateway core.
         rid: the client-visible request id (the first attempt's wire id too).
         sampling: sampling parameters; ``max_tokens`` is the whole budget.
         prompt: the request's prompt.
@@ -49,7 +49,7 @@ class RequestRun:
         retries, migrations: how many of each were made.
     """
 
-    def __init__(self, gw: Gateway, rid: str, sampling: pb.SamplingParams, prompt: Prompt,
+    def __init__(self, gw: GatewayCore, rid: str, sampling: pb.SamplingParams, prompt: Prompt,
                  t_arrival: float) -> None:
         self.gw, self.rid, self.sampling, self.prompt, self.t_arrival = gw, rid, sampling, prompt, t_arrival
         self.attempt: Admitted | None = None

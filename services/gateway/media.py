@@ -23,32 +23,17 @@ import binascii
 import hashlib
 import io
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 import aiohttp
 from PIL import Image
 
+from services.gateway.prompt import ImageInput
+
 
 class MediaError(ValueError):
     """The media part is unusable; the message is safe to show to the client (HTTP 400)."""
-
-
-@dataclass(frozen=True)
-class ImageInput:
-    """One image of a request.
-
-    Attributes:
-        data: the encoded file exactly as the client sent it.
-        mm_hash: sha256 hex digest of ``data``.
-        width, height: pixels, from the header.
-    """
-
-    data: bytes
-    mm_hash: str
-    width: int
-    height: int
 
 
 def decode_data_url(url: str) -> bytes:

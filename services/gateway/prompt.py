@@ -6,9 +6,9 @@ image processor will produce for that image size (``ImageGeometry``, Qwen2-VL's
 ``smart_resize``) — so the gateway tokenizes without touching pixels.
 
 Images are resolved in two steps so that fetching can be asynchronous: :func:`image_urls`
-lists (and counts) the request's ``image_url`` parts, the caller fetches them
-(:class:`services.gateway.media.MediaFetcher`), then :meth:`PromptBuilder.build` templates
-and tokenizes with the fetched images.
+lists (and counts) the request's ``image_url`` parts, the caller fetches them as
+:class:`ImageInput` (the HTTP layer's :class:`services.gateway.media.MediaFetcher`), then
+:meth:`PromptBuilder.build` templates and tokenizes with the fetched images.
 """
 
 from __future__ import annotations
@@ -20,10 +20,25 @@ from pathlib import Path
 from transformers import AutoTokenizer
 
 from epd.models.geometry import ImageGeometry
-from services.gateway.media import ImageInput
 from services.gateway.protocol import ApiError, ChatMessage
 
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+@dataclass(frozen=True)
+class ImageInput:
+    """One image of a request.
+
+    Attributes:
+        data: the encoded file exactly as the client sent it.
+        mm_hash: sha256 hex digest of ``data``.
+        width, height: pixels, from the header.
+    """
+
+    data: bytes
+    mm_hash: str
+    width: int
+    height: int
 
 
 @dataclass

@@ -9,14 +9,15 @@ import time
 import uuid
 from typing import Any, Literal
 
-from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 SYSTEM_FINGERPRINT = "fp_epd_serve_0_1"
 
 
 class ApiError(Exception):
-    """An error the client sees as an OpenAI-style JSON body with an HTTP status."""
+    """An error the client sees as an OpenAI-style JSON body with an HTTP status (the HTTP layer,
+    :func:`services.gateway.http.error_response`, writes it; ``headers`` such as ``Retry-After``
+    go with it)."""
 
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
                  param: str | None = None, code: str | None = None,
@@ -26,10 +27,8 @@ class ApiError(Exception):
         self.headers = headers or {}
 
     def body(self) -> dict[str, Any]:
+        """The OpenAI error object: ``{"error": {"message", "type", "param", "code"}}``."""
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-    def response(self) -> web.Response:
-        return web.json_response(self.body(), status=self.status, headers=self.headers)
 
 
 class ImageUrl(BaseModel):

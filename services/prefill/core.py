@@ -1,15 +1,16 @@
-"""Prefill core: per-request state, feature prefetch bookkeeping, batch choice (no sockets).
+"""Prefill request state and batch choice (pure: no sockets, transfers or protobuf).
 
 Lifecycle of a request in prefill (SGLang-style)::
 
     Bootstrap (PrefillRequest accepted at once; KvAllocRequest sent to decode)
-      ▸ Waiting: features prefetched (FeaturesReady → asynchronous one-sided READ from the
-        encoder's pool while the request waits in the queue, EPD-Serve §3.2) and decode
-        blocks reserved (KvAllocated)
+      ▸ Waiting: features prefetched (FeaturesReady → asynchronous READ from the encoder's
+        pool while the request waits in the queue, EPD-Serve §3.2) and decode blocks
+        reserved (KvAllocated)
       ▸ Ready: every image's features local and blocks reserved
       ▸ Run: packed with other ready requests under the token budget; one forward; first
         token → gateway; KV written to decode layer group by layer group while later layers
-        compute ▸ KvReady to decode ▸ done
+        compute
+      ▸ Saving: the rest of the KV written and waited for ▸ KvReady to decode ▸ done
 
 A request that ends with its first token (EOS, ``max_tokens == 1``) releases its decode
 blocks with ``AbortRequest`` instead of ``KvReady``.
@@ -23,21 +24,8 @@ from dataclasses import dataclass, field
 import torch
 
 from epd.engine.kv_pool import KvLayout
-from epd.transfer import TransferFuture
-from epd.wire.gen import epd_pb2 as pb
-
-
-@dataclass
-class Prefetch:
-    """An in-flight READ of one image's features into the staging region."""
-
-    index: int
-    ref: pb.TensorRef
-    grid_thw: tuple[int, int, int]
-    staging_offset: int
-    future: TransferFuture
-    encoder_instance: str
-    t_ready: float  # perf_counter() when FeaturesReady arrived
+from services.prefill.feature_reader import FeatureRead
+from services.prefill.records import KvTarget, PrefillRequest
 
 
 @dataclass
@@ -45,21 +33,19 @@ class PrefillState:
     """One request inside prefill.
 
     Attributes:
-        req: the gateway's request.
+        req: the request.
         features: image index → features ``[num_tokens, hidden]`` already local.
         grids: image index → ``(t, h, w)`` patch grid.
-        prefetches: reads still in flight.
-        kv_alloc: decode's block reservation, once it arrived.
-        deadline: unix seconds; past it the request fails with TIMEOUT.
-        t_arrival: perf_counter() at acceptance; t_ready: when it became schedulable.
+        reads: image index → feature read still in flight.
+        kv_target: decode's block reservation, once it arrived.
+        t_arrival: perf_counter() at acceptance.
     """
 
-    req: pb.PrefillRequest
-    deadline: float
+    req: PrefillRequest
     features: dict[int, torch.Tensor] = field(default_factory=dict)
     grids: dict[int, tuple[int, int, int]] = field(default_factory=dict)
-    prefetches: dict[int, Prefetch] = field(default_factory=dict)
-    kv_alloc: pb.KvAllocated | None = None
+    reads: dict[int, FeatureRead] = field(default_factory=dict)
+    kv_target: KvTarget | None = None
     t_arrival: float = field(default_factory=time.perf_counter)
 
     @property
@@ -68,10 +54,14 @@ class PrefillState:
 
     @property
     def num_tokens(self) -> int:
-        return len(self.req.prompt_token_ids)
+        return self.req.num_tokens
+
+    @property
+    def deadline(self) -> float:
+        return self.req.deadline
 
     def is_ready(self) -> bool:
-        return self.kv_alloc is not None and len(self.features) == len(self.req.images)
+        return self.kv_target is not None and len(self.features) == self.req.num_images
 
     def ordered_features(self) -> tuple[list[torch.Tensor], list[tuple[int, int, int]]]:
         """Features and grids in prompt order."""
@@ -79,7 +69,7 @@ class PrefillState:
         return [self.features[i] for i in order], [self.grids[i] for i in order]
 
     def features_pending(self) -> int:
-        return len(self.req.images) - len(self.features)
+        return self.req.num_images - len(self.features)
 
 
 def pick_batch(ready: list[PrefillState], max_tokens: int) -> list[PrefillState]:
@@ -92,10 +82,6 @@ def pick_batch(ready: list[PrefillState], max_tokens: int) -> list[PrefillState]
         batch.append(state)
         total += state.num_tokens
     return batch
-
-
-def layout_from_proto(p: pb.KvLayout) -> KvLayout:
-    return KvLayout(p.num_layers, p.num_blocks, p.block_size, p.num_kv_heads, p.head_dim, p.dtype)
 
 
 def check_kv_compatible(layout: KvLayout, num_layers: int, num_kv_heads: int, head_dim: int, dtype: str) -> None:

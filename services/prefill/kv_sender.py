@@ -1,4 +1,5 @@
-"""Layer-grouped KV hand-off from prefill to decode (EPD-Serve §3.3).
+"""Layer-grouped KV hand-off from prefill to decode by one-sided WRITE (EPD-Serve §3.3): the
+:class:`~services.prefill.kv_connector.KvConnector` of a deployment.
 
 While the packed prefill forward runs, each layer's K/V of every request in the batch is
 copied into that request's staging area (a registered region laid out in decode's block
@@ -8,7 +9,7 @@ ships them into the decode instance's blocks, while later layers are still compu
 ``G = 0`` is the baseline: everything is written after the last layer.
 
 The *exposed* transfer time is what remains once the forward is done: the wait in
-:meth:`KvSender.finish`.
+:meth:`KvSender.wait_for_save`.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 from epd.engine.kv_pool import KvLayout, KvPool, transfer_plan
 from epd.engine.region_alloc import RangeAllocator
 from epd.transfer import Region, TransferBackend, TransferError, TransferFuture, merge_segments
+from services.prefill.kv_connector import KvConnector, KvSlot, SaveResult
 
 logger = logging.getLogger(__name__)
 
@@ -40,33 +42,18 @@ class _Entry:
     error: str = ""
 
 
-@dataclass
-class SendResult:
-    """Outcome of one batch's KV hand-off.
-
-    Attributes:
-        nbytes: bytes written.
-        exposed_s: seconds between the end of the forward and the last write completing.
-        failed: request id → error message for requests whose KV did not arrive.
-    """
-
-    nbytes: int
-    exposed_s: float
-    failed: dict[str, str]
-
-
-class KvSender:
-    """Stages and ships one prefill batch's KV.
+class KvSender(KvConnector):
+    """Stages and ships prefill batches' KV, one batch at a time.
 
     Args:
         transfer: the instance's transfer backend.
         region: its registered region (staging areas are carved from it).
-        staging: the region's range allocator.
+        staging: the region's range allocator (shared with the feature reads).
         num_layers: model layers.
         group: layers per transfer group ``G`` (0 = after the whole forward).
 
     Raises:
-        epd.engine.region_alloc.RegionFull: from :meth:`add` when staging space runs out.
+        epd.engine.region_alloc.RegionFull: from :meth:`start_batch` when staging space runs out.
     """
 
     def __init__(self, transfer: TransferBackend, region: Region, staging: RangeAllocator, num_layers: int,
@@ -77,16 +64,26 @@ class KvSender:
         self._next_layer = 0  # first layer not yet submitted
         self.t_forward_done = 0.0
 
-    def add(self, request_id: str, session: str, dst: KvLayout, block_ids: list[int], start: int,
-            length: int) -> None:
-        """Register a request of the batch: tokens ``[start, start + length)`` of the packed prompt."""
-        blocks = block_ids[: dst.blocks_for(length)]
+    def start_batch(self, slots: list[KvSlot]) -> None:
+        self.abort_batch()
+        self.entries, self._next_layer = [], 0
+        try:
+            for slot in slots:
+                self._add(slot)
+        except Exception:
+            self.abort_batch()
+            raise
+
+    def _add(self, slot: KvSlot) -> None:
+        dst = slot.target.layout
+        blocks = list(slot.target.block_ids[: dst.blocks_for(slot.length)])
         src = dst.with_blocks(len(blocks))
         off = self.staging.allocate(src.nbytes)
         staging = KvPool(src, self.region.tensor[off : off + src.nbytes])
-        self.entries.append(_Entry(request_id, session, dst, blocks, start, length, off, staging))
+        self.entries.append(_Entry(slot.request_id, slot.target.session, dst, blocks, slot.start, slot.length, off,
+                                   staging))
 
-    def on_layer(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+    def save_kv_layer(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Stage layer ``layer`` (``k, v [T, kv_heads, head_dim]``); ship a group when complete."""
         for e in self.entries:
             e.staging.write_prefix(layer, k[e.start : e.start + e.length], v[e.start : e.start + e.length])
@@ -106,13 +103,10 @@ class KvSender:
             except TransferError as exc:
                 e.error = str(exc)
 
-    def finish(self) -> SendResult:
-        """Ship what is left, wait for every write, free the staging areas.
-
-        Call it once the forward is done: the time spent here is the exposed transfer time.
-        """
+    def wait_for_save(self) -> SaveResult:
+        """Ship what is left, wait for every write, free the staging areas."""
         self.t_forward_done = time.perf_counter()
-        if self._next_layer < self.num_layers:
+        if self.entries and self._next_layer < self.num_layers:
             self._submit(range(self._next_layer, self.num_layers))
         nbytes = 0
         for e in self.entries:
@@ -123,10 +117,12 @@ class KvSender:
                 except TransferError as exc:
                     e.error = e.error or str(exc)
         exposed = time.perf_counter() - self.t_forward_done
-        self.close()
-        return SendResult(nbytes, exposed, {e.request_id: e.error for e in self.entries if e.error})
+        failed = {e.request_id: e.error for e in self.entries if e.error}
+        self.abort_batch()
+        self.entries = []
+        return SaveResult(nbytes, exposed, failed)
 
-    def close(self) -> None:
+    def abort_batch(self) -> None:
         """Free staging (idempotent); waits for writes still in flight first."""
         for e in self.entries:
             for fut in e.futures:

@@ -26,7 +26,6 @@ from epd import config
 from epd.registry.registry import Registry
 from tests.conftest import free_port
 from tests.e2e.http import post, user_message
-from tests.e2e.test_topologies import reference_tokens
 from tests.model_fixtures import sample_photos
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -101,7 +100,8 @@ def test_compose_and_dockerfile_consistent_with_config():
     pin = re.search(r'"torch==([\d.]+)"', (ROOT / "pyproject.toml").read_text()).group(1)
     torch_line = next(line for line in docker.splitlines() if "torch==" in line)
     assert f"torch=={pin}" in torch_line and "whl/cpu" in torch_line
-    assert docker.index("torch==") < docker.index("pip install --no-cache-dir .")  # torch first
+    # torch first; then the project with the Mooncake build the services transfer with (EPD_TRANSFER_BACKEND=mooncake)
+    assert docker.index("torch==") < docker.index('pip install --no-cache-dir ".[cpu]"')
     assert "COPY models" not in docker and "/models" in docker  # mounted, never baked in
 
 
@@ -130,7 +130,7 @@ def local_processes(env_overrides: dict[str, str], redis_url: str, model: Path, 
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_compose_services_serve_an_image_request(tmp_path, redis_url, tiny_model):
+def test_compose_services_serve_an_image_request(tmp_path, redis_url, tiny_model, hf_reference):
     url = redis_url.rsplit("/", 1)[0] + "/8"
     port = free_port()
     overrides = {"EPD_ENCODERS": "2", "EPD_TORCH_THREADS": "1", "EPD_KV_MEMORY_MB": "64",
@@ -169,7 +169,7 @@ def test_compose_services_serve_an_image_request(tmp_path, redis_url, tiny_model
             "messages": user_message(images, text), "max_tokens": 16, "temperature": 0, "return_token_ids": True})
         assert status == 200, body
         assert headers["x-epd-route"] == "encode"
-        assert body["choices"][0]["token_ids"] == reference_tokens(tiny_model, images, text, 16)[1]
+        assert body["choices"][0]["token_ids"] == hf_reference.greedy(images, text, 16)[1]
         for name in ("encoder-0", "encoder-1"):  # the two images were split across the replicas
             assert "encoded 1 image(s)" in (tmp_path / f"{name}.log").read_text()
     finally:

@@ -25,7 +25,6 @@ import urllib.request
 
 import pytest
 import redis
-import torch
 import zmq
 
 from epd.registry.registry import InstanceInfo, Registry
@@ -36,7 +35,7 @@ from tests.conftest import free_port, start_redis
 from tests.e2e.chaos import ClientRequest, instance, leaks, wait_for
 from tests.e2e.cluster import start_cluster
 from tests.e2e.http import user_message
-from tests.model_fixtures import hf_inputs, hf_processor, sample_photos
+from tests.model_fixtures import sample_photos
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -49,23 +48,9 @@ FAST = {"EPD_HEARTBEAT_S": "0.5", "EPD_INSTANCE_TTL_S": str(TTL_S), "EPD_REGISTR
 
 
 @pytest.fixture(scope="module")
-def hf(tiny_model):
-    from transformers import Qwen2VLForConditionalGeneration
-
-    model = Qwen2VLForConditionalGeneration.from_pretrained(tiny_model).eval()
-    processor = hf_processor(tiny_model)
-    cache = {}
-
-    def greedy(images: list, text: str, n: int) -> list[int]:
-        key = (tuple(id(i) for i in images), text, n)
-        if key not in cache:
-            inputs = hf_inputs(processor, images, text)
-            with torch.no_grad():
-                out = model.generate(**inputs, do_sample=False, max_new_tokens=n)
-            cache[key] = out[0, inputs["input_ids"].shape[1]:].tolist()
-        return cache[key]
-
-    return greedy
+def hf(hf_reference):
+    """Greedy ids of HF ``generate()`` for (images, text, max_new_tokens)."""
+    return lambda images, text, n: hf_reference.greedy(images, text, n)[1]
 
 
 @pytest.fixture(scope="module")

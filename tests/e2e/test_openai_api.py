@@ -18,12 +18,11 @@ import urllib.request
 import zlib
 
 import pytest
-import torch
 
 from epd.registry.registry import Registry
 from tests.e2e.cluster import start_cluster
 from tests.e2e.http import png_data_url
-from tests.model_fixtures import hf_inputs, hf_processor, sample_photos
+from tests.model_fixtures import sample_photos
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -47,22 +46,12 @@ def media_dir(tmp_path_factory, photos):
 
 
 @pytest.fixture(scope="module")
-def reference(tiny_model, photos):
+def reference(hf_reference, photos):
     """Greedy HF outputs: chat with astronaut + coffee, chat with chelsea, a raw text prompt."""
-    from transformers import AutoTokenizer, Qwen2VLForConditionalGeneration
-
-    model = Qwen2VLForConditionalGeneration.from_pretrained(tiny_model).eval()
-    processor = hf_processor(tiny_model)
-    out = {}
-    for name, images in {"two": ["astronaut", "coffee"], "chelsea": ["chelsea"]}.items():
-        inputs = hf_inputs(processor, [photos[i] for i in images], PROMPT)
-        with torch.no_grad():
-            gen = model.generate(**inputs, do_sample=False, max_new_tokens=MAX_NEW)
-        out[name] = gen[0, inputs["input_ids"].shape[1]:].tolist()
-    ids = AutoTokenizer.from_pretrained(tiny_model)(TEXT_PROMPT)["input_ids"]
-    with torch.no_grad():
-        gen = model.generate(input_ids=torch.tensor([ids]), do_sample=False, max_new_tokens=MAX_NEW)
-    out["text_ids"], out["text"] = ids, gen[0, len(ids):].tolist()
+    out = {name: hf_reference.greedy([photos[i] for i in images], PROMPT, MAX_NEW)[1]
+           for name, images in {"two": ["astronaut", "coffee"], "chelsea": ["chelsea"]}.items()}
+    ids = hf_reference.processor.tokenizer(TEXT_PROMPT)["input_ids"]
+    out["text_ids"], out["text"] = ids, hf_reference.greedy_ids(ids, MAX_NEW)
     return out
 
 

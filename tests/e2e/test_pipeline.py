@@ -11,12 +11,11 @@ import re
 import time
 
 import pytest
-import torch
 
 from epd.registry.registry import Registry
 from tests.e2e.cluster import start_cluster
 from tests.e2e.http import post, post_stream, user_message
-from tests.model_fixtures import hf_inputs, hf_processor, sample_photos
+from tests.model_fixtures import sample_photos
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -34,20 +33,10 @@ def photos():
 
 
 @pytest.fixture(scope="module")
-def reference(tiny_model, photos):
+def reference(hf_reference, photos):
     """HF reference: (prompt ids, greedy ids) per case, computed in this process."""
-    from transformers import Qwen2VLForConditionalGeneration
-
-    model = Qwen2VLForConditionalGeneration.from_pretrained(tiny_model).eval()
-    processor = hf_processor(tiny_model)
-    out = {}
-    for name, (images, text) in CASES.items():
-        inputs = hf_inputs(processor, [photos[i] for i in images], text)
-        with torch.no_grad():
-            gen = model.generate(**inputs, do_sample=False, max_new_tokens=MAX_NEW)
-        prompt = inputs["input_ids"][0].tolist()
-        out[name] = (prompt, gen[0, len(prompt):].tolist())
-    return out
+    return {name: hf_reference.greedy([photos[i] for i in images], text, MAX_NEW)
+            for name, (images, text) in CASES.items()}
 
 
 @pytest.fixture(scope="module")
@@ -202,12 +191,10 @@ def test_shared_memory_backend_and_clean_shutdown(tmp_path, redis_url, tiny_mode
     assert Registry(other_db).instances() == []  # every instance deregistered on SIGTERM
 
 
-def test_stale_cache_entry_is_reencoded_by_its_holder(cluster, tiny_model, photos, redis_url):
+def test_stale_cache_entry_is_reencoded_by_its_holder(cluster, hf_reference, photos, redis_url):
     """Redis says an image is cached but its holder's pool no longer has it (evicted): the
     request still goes to the holder, which re-encodes from the bytes; output stays exact."""
     import hashlib
-
-    from transformers import Qwen2VLForConditionalGeneration
 
     from epd.registry.registry import FeatureEntry
     from tests.e2e.http import png_data_url
@@ -228,10 +215,6 @@ def test_stale_cache_entry_is_reencoded_by_its_holder(cluster, tiny_model, photo
     status, headers, out = post(f"{cluster.url}/v1/chat/completions", body)
     assert status == 200, out
     assert headers["x-epd-route"] == "cached"
-    model = Qwen2VLForConditionalGeneration.from_pretrained(tiny_model).eval()
-    inputs = hf_inputs(hf_processor(tiny_model), [image], "Describe the picture.")
-    with torch.no_grad():
-        gen = model.generate(**inputs, do_sample=False, max_new_tokens=8)
-    assert out["choices"][0]["token_ids"] == gen[0, inputs["input_ids"].shape[1]:].tolist()
+    assert out["choices"][0]["token_ids"] == hf_reference.greedy([image], "Describe the picture.", 8)[1]
     entry = reg.get_feature(mm_hash)
     assert entry is not None and entry.nbytes == 256 * 256 * 4  # republished by the holder

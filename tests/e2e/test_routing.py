@@ -16,11 +16,10 @@ import time
 import urllib.request
 
 import pytest
-import torch
 
 from tests.e2e.cluster import start_cluster
 from tests.e2e.http import png_data_url
-from tests.model_fixtures import hf_inputs, hf_processor, sample_photos
+from tests.model_fixtures import sample_photos
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -51,18 +50,8 @@ def workload():
 
 
 @pytest.fixture(scope="module")
-def reference(tiny_model, workload):
-    from transformers import Qwen2VLForConditionalGeneration
-
-    model = Qwen2VLForConditionalGeneration.from_pretrained(tiny_model).eval()
-    processor = hf_processor(tiny_model)
-    out = []
-    for images in workload:
-        inputs = hf_inputs(processor, images, PROMPT)
-        with torch.no_grad():
-            gen = model.generate(**inputs, do_sample=False, max_new_tokens=MAX_NEW)
-        out.append(gen[0, inputs["input_ids"].shape[1]:].tolist())
-    return out
+def reference(hf_reference, workload):
+    return [hf_reference.greedy(images, PROMPT, MAX_NEW)[1] for images in workload]
 
 
 @pytest.fixture(scope="module")

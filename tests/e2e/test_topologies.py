@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import torch
 
 from epd.admin import check_health, get_stats
 from epd.launcher import gateway_ready
@@ -29,7 +28,7 @@ from epd.topology import parse_topology
 from tests.conftest import free_port
 from tests.e2e.cluster import start_cluster
 from tests.e2e.http import post, user_message
-from tests.model_fixtures import hf_inputs, hf_processor, sample_photos
+from tests.model_fixtures import sample_photos
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -82,18 +81,6 @@ def start_deployment(tmp: Path, topology: str, redis_url: str, model: Path, time
     raise RuntimeError(f"{topology} not up:\n{log.read_text(errors='replace')[-4000:]}")
 
 
-def reference_tokens(model_dir: Path, images: list, text: str, max_new: int) -> tuple[list[int], list[int]]:
-    """(prompt ids, greedy ids) of HF ``model.generate(do_sample=False)``, as in test_pipeline."""
-    from transformers import Qwen2VLForConditionalGeneration
-
-    model = Qwen2VLForConditionalGeneration.from_pretrained(model_dir).eval()
-    inputs = hf_inputs(hf_processor(model_dir), images, text)
-    with torch.no_grad():
-        gen = model.generate(**inputs, do_sample=False, max_new_tokens=max_new)
-    prompt = inputs["input_ids"][0].tolist()
-    return prompt, gen[0, len(prompt):].tolist()
-
-
 def stream_ttft(url: str, body: dict) -> tuple[float, list[int], str]:
     """POST a streaming request; returns (seconds to the first SSE chunk, token ids, finish reason)."""
     req = urllib.request.Request(f"{url}/v1/chat/completions", data=json.dumps({**body, "stream": True}).encode(),
@@ -121,8 +108,8 @@ def photo():
 
 
 @pytest.fixture(scope="module")
-def reference(tiny_model, photo):
-    return reference_tokens(tiny_model, [photo], TEXT, MAX_NEW)
+def reference(hf_reference, photo):
+    return hf_reference.greedy([photo], TEXT, MAX_NEW)
 
 
 @pytest.fixture(scope="module", params=TOPOLOGIES)

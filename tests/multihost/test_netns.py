@@ -34,12 +34,11 @@ import time
 import urllib.request
 
 import pytest
-import torch
 
 from epd.registry.registry import Registry
 from tests.e2e.chaos import ClientRequest, leaks, wait_for
 from tests.e2e.http import post, user_message
-from tests.model_fixtures import hf_inputs, hf_processor, sample_photos
+from tests.model_fixtures import sample_photos
 from tests.multihost.cluster import start_ns_cluster
 from tests.multihost.netns import Topology, why_unavailable
 
@@ -94,27 +93,16 @@ def photos():
 
 
 @pytest.fixture(scope="module")
-def hf(tiny_model):
+def hf(hf_reference):
     """Greedy ids of HF ``generate()``, and the prompt ids and image token counts of each input."""
-    from transformers import Qwen2VLForConditionalGeneration
-
-    model = Qwen2VLForConditionalGeneration.from_pretrained(tiny_model).eval()
-    processor = hf_processor(tiny_model)
-    cache = {}
 
     def run(images: list, text: str, n: int) -> tuple[list[int], list[int], list[int]]:
-        key = (tuple(id(i) for i in images), text, n)
-        if key not in cache:
-            inputs = hf_inputs(processor, images, text)
-            with torch.no_grad():
-                out = model.generate(**inputs, do_sample=False, max_new_tokens=n)
-            prompt = inputs["input_ids"][0].tolist()
-            grids = inputs["image_grid_thw"].tolist() if images else []
-            merge = model.config.vision_config.spatial_merge_size ** 2
-            cache[key] = (prompt, out[0, len(prompt):].tolist(), [t * h * w // merge for t, h, w in grids])
-        return cache[key]
+        prompt, tokens = hf_reference.greedy(images, text, n)
+        grids = hf_reference.inputs(images, text)["image_grid_thw"].tolist() if images else []
+        merge = hf_reference.config.vision_config.spatial_merge_size ** 2
+        return prompt, tokens, [t * h * w // merge for t, h, w in grids]
 
-    run.config = model.config
+    run.config = hf_reference.config
     return run
 
 

@@ -22,7 +22,7 @@ from epd.registry.registry import InstanceInfo, Registry
 from epd.wire.codec import unpack
 from epd.wire.gen import epd_pb2 as pb
 from epd.wire.sockets import Inbox, Outbox
-from services.gateway.app import make_app
+from services.gateway.http import make_app
 
 pytestmark = pytest.mark.timeout(120)
 TEXT = "hello world. The garden STOP here and more words follow after it"

@@ -364,8 +364,19 @@ def schema_problems(objs: list[dict], where: str) -> list[str]:
 # -- the metrics the autoscaler reads ---------------------------------------------------------------
 @functools.cache
 def load_keys(role: str) -> frozenset[str]:
-    """Keys of the dict ``load()`` returns in services/<role>/proc.py (what the heartbeat publishes)."""
-    tree = ast.parse((ROOT / "services" / role / "proc.py").read_text())
+    """Keys of what ``load()`` in services/<role>/proc.py returns (what the heartbeat publishes):
+    the fields of the engine's typed load record (``asdict(self.engine.load())``), or the keys of a
+    dict literal."""
+    import dataclasses
+    import importlib
+
+    typed = {"encoder": ("services.encoder.records", "EncoderLoad"),
+             "prefill": ("services.prefill.records", "PrefillLoad")}
+    source = (ROOT / "services" / role / "proc.py").read_text()
+    if role in typed and "asdict(self.engine.load())" in source:
+        module, name = typed[role]
+        return frozenset(f.name for f in dataclasses.fields(getattr(importlib.import_module(module), name)))
+    tree = ast.parse(source)
     keys = set()
     for fn in ast.walk(tree):
         if isinstance(fn, ast.FunctionDef) and fn.name == "load":

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from epd.models.qwen2_vl import Qwen2VLAdapter
-from tests.model_fixtures import adapter_greedy, hf_inputs, hf_processor, sample_photos
+from tests.model_fixtures import adapter_greedy, sample_photos
 
 MAX_NEW = 16
 
@@ -17,11 +17,8 @@ def adapter(tiny_model):
 
 
 @pytest.fixture(scope="module")
-def hf(tiny_model):
-    from transformers import Qwen2VLForConditionalGeneration
-
-    model = Qwen2VLForConditionalGeneration.from_pretrained(tiny_model).eval()
-    return model, hf_processor(tiny_model)
+def hf(hf_reference):
+    return hf_reference
 
 
 @pytest.fixture(scope="module")
@@ -30,12 +27,7 @@ def photos():
 
 
 def _reference(hf, images, text):
-    model, processor = hf
-    inputs = hf_inputs(processor, images, text)
-    with torch.no_grad():
-        out = model.generate(**inputs, do_sample=False, max_new_tokens=MAX_NEW)
-    prompt = inputs["input_ids"][0].tolist()
-    return prompt, out[0, len(prompt) :].tolist()
+    return hf.greedy(images, text, MAX_NEW)
 
 
 CASES = {

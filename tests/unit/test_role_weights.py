@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from epd.models.qwen2_runner import Qwen2VLRunner
 from epd.models.qwen2_vl import LANGUAGE, VISION, PartNotLoadedError, Qwen2VLAdapter, role_parts
 from epd.models.weights import INDEX_FILE, SINGLE_FILE, MissingPart
-from tests.model_fixtures import adapter_greedy, hf_inputs, hf_processor, sample_photos
+from tests.model_fixtures import adapter_greedy, sample_photos
 
 LM_PREFIXES = ("model.language_model.", "lm_head.")
 VISION_PREFIX = "model.visual."
@@ -129,19 +129,15 @@ def test_partial_adapters_compute_what_the_full_one_does(vision, language, full,
                        Qwen2VLRunner(full).prefill(embeds, positions, [len(prompt)]))  # fmt: skip
 
 
-def test_split_greedy_matches_hf_generate(tiny_model, vision, language, photos):
+def test_split_greedy_matches_hf_generate(hf_reference, vision, language, photos):
     """E with vision only → P/D with the LM only equals ``generate()`` token for token."""
-    model, processor = _hf(tiny_model), hf_processor(tiny_model)
     images = [photos["coffee"]]
-    inputs = hf_inputs(processor, images, "Describe the picture.")
-    with torch.no_grad():
-        out = model.generate(**inputs, do_sample=False, max_new_tokens=12)
-    prompt = inputs["input_ids"][0].tolist()
+    prompt, expected = hf_reference.greedy(images, "Describe the picture.", 12)
     split = SimpleNamespace(
         encode=vision.encode, prefill=language.prefill, make_cache=language.make_cache,
         decode_step=language.decode_step, eos_token_ids=language.eos_token_ids,
     )  # fmt: skip
-    assert adapter_greedy(split, prompt, images, 12) == out[0, len(prompt) :].tolist()
+    assert adapter_greedy(split, prompt, images, 12) == expected
 
 
 def test_missing_part_is_named(vision, language, photos):

@@ -1,12 +1,21 @@
-"""OpenAI-compatible HTTP front end (aiohttp): the gateway's shared state and the application.
+"""The gateway's core: admission, route planning, submit / abort and the registry watch.
 
-Lifecycle of a request at the gateway (handlers in :mod:`services.gateway.handlers`)::
+No HTTP here (vLLM's ``AsyncLLM`` vs its API server): :mod:`services.gateway.http` and
+:mod:`services.gateway.handlers` are the OpenAI HTTP/SSE layer over this, and no module of the
+core imports the web framework (``tests/unit/test_structure.py``). The core's modules, bottom up:
+:mod:`~services.gateway.router` (instance choice), :mod:`~services.gateway.engine_client` (the
+wire), this module (:class:`GatewayCore`), :mod:`~services.gateway.attempts` (retries and
+migrations of one request), :mod:`~services.gateway.generation` (a request's output: tokens to
+text, stop strings, metrics).
 
-    auth ▸ parse + validate ▸ fetch images (data:/file/http), hash, header-only size check
-      ▸ template, tokenize, placeholders ▸ feature-cache lookup (Redis) ▸ route + instances
+Lifecycle of a request at the gateway::
+
+    auth ▸ parse + validate ▸ fetch images (data:/file/http), hash, header-only size check   [HTTP layer]
+      ▸ template, tokenize, placeholders ▸ max_tokens ▸ feature-cache lookup (Redis) ▸ route + instances
       ▸ PrefillRequest to prefill, EncodeRequest(s) to encoder(s) (to the holder for cached images)
       ▸ TokenDelta stream (first token from prefill, the rest from decode), reordered by offset
-      ▸ detokenize incrementally, stop strings ▸ JSON response or SSE chunks ending with ``data: [DONE]``
+      ▸ detokenize incrementally, stop strings
+      ▸ JSON response or SSE chunks ending with ``data: [DONE]``                               [HTTP layer]
       ▸ on error / stop string / disconnect / timeout: AbortRequest to every stage involved
 
 The cached route reuses the encoder → prefill contract: each image whose ``mm_hash`` is
@@ -20,8 +29,6 @@ holder has the image bytes and encodes it again; if the holder died, the request
 from __future__ import annotations
 
 import asyncio
-import hmac
-import json
 import logging
 import os
 import signal
@@ -30,9 +37,6 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from aiohttp import web
-from pydantic import BaseModel, ValidationError
-
 from epd.config import GatewayConfig
 from epd.registry.peers import PeerWatch
 from epd.registry.registry import FeatureEntry, Heartbeat, InstanceInfo, Registry, RegistryError
@@ -40,7 +44,6 @@ from epd.wire.auth import Signer, check_exposure, load_secret
 from epd.wire.gen import epd_pb2 as pb
 from epd.wire.sockets import PeerUnavailable, WireTap
 from services.gateway.engine_client import EngineClient
-from services.gateway.media import MediaError, MediaFetcher
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.prompt import Prompt, PromptBuilder
 from services.gateway.protocol import ApiError
@@ -48,7 +51,6 @@ from services.gateway.router import NoInstance, Plan, Router
 
 logger = logging.getLogger(__name__)
 
-GATEWAY_KEY = web.AppKey("gateway", object)
 BLOCKS_GRACE_S = 2.0  # decode's heartbeat shows a reservation within heartbeat + refresh periods
 
 
@@ -88,8 +90,12 @@ class StageUnreachable(RuntimeError):
         self.instance_id, self.incarnation = instance_id, incarnation
 
 
-class Gateway:
-    """State shared by the HTTP handlers: config, tokenizer, registry view, router, wire, metrics.
+class GatewayCore:
+    """The gateway without HTTP: config, tokenizer, registry view, router, wire, metrics, and the
+    attempts in flight. The HTTP layer calls :meth:`start` / :meth:`stop`, :meth:`max_tokens`,
+    :meth:`health`, and :meth:`services.gateway.generation.Generation.start` (which drives
+    :meth:`submit`, :meth:`end_attempt` and the rest through
+    :class:`~services.gateway.attempts.RequestRun`).
 
     The gateway registers itself in the registry (role ``gateway``) so that stages can tell when
     the gateway a request's tokens go to is gone, and watches the registry for stages that are
@@ -106,8 +112,6 @@ class Gateway:
         self.router = Router()
         self.peers = PeerWatch(grace_s=2 * cfg.heartbeat_s + 0.5)
         self.metrics = GatewayMetrics(self.router)
-        self.media = MediaFetcher(cfg.max_image_pixels, cfg.allowed_media_dir, cfg.allow_remote_media,
-                                  cfg.max_image_mb << 20, cfg.media_fetch_timeout_s)
         self.instance_id = cfg.instance_id or f"gateway-{id(self):x}"
         self.client = EngineClient(cfg.host, cfg.port, self.instance_id, tap=WireTap(cfg.wire_tap),
                                    signer=Signer(secret), send_timeout_s=cfg.send_timeout_s,
@@ -119,6 +123,8 @@ class Gateway:
         self._refresher: asyncio.Task | None = None
 
     async def start(self) -> None:
+        """Load the registry view, start the wire's reader, register (heartbeat) and the refresh
+        task. Call on the event loop that serves the requests."""
         await self.refresh()
         self.client.start()
         info = InstanceInfo(instance_id=self.instance_id, roles=["gateway"], inbox=self.client.address,
@@ -133,14 +139,17 @@ class Gateway:
         self._refresher = asyncio.get_running_loop().create_task(self._refresh_loop())
 
     async def stop(self) -> None:
+        """Stop the refresh task, deregister, close the wire."""
         if self._refresher:
             self._refresher.cancel()
         if self.heartbeat is not None:
             await asyncio.get_running_loop().run_in_executor(None, self.heartbeat.stop)
-        await self.media.close()
         await self.client.close()
 
     async def refresh(self) -> None:
+        """Refresh the router's view from the registry (every ``EPD_REGISTRY_REFRESH_S``); every
+        attempt depending on an instance found gone gets ``stage_lost``. A Redis failure keeps
+        the last view (logged)."""
         try:
             snapshot = await asyncio.get_running_loop().run_in_executor(None, self.registry.instances)
         except RegistryError as exc:
@@ -165,39 +174,13 @@ class Gateway:
                 logger.error("parent process exited, shutting down")
                 os.kill(os.getpid(), signal.SIGTERM)
 
+    def health(self) -> tuple[bool, dict[str, int]]:
+        """``(ready, instances per role)``: ready when at least one prefill and one decode instance
+        are in the view."""
+        counts = {role: len(v) for role, v in self.router.instances.items()}
+        return counts["prefill"] > 0 and counts["decode"] > 0, counts
+
     # -- admission -----------------------------------------------------------------------
-    def parse(self, raw: bytes, schema: type[BaseModel]):
-        """Validate a JSON body against ``schema``. Raises :class:`ApiError` (400, or 404 unknown model)."""
-        try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ApiError(400, f"request body is not valid JSON: {exc}") from None
-        if not isinstance(body, dict):
-            raise ApiError(400, "request body must be a JSON object")
-        try:
-            req = schema.model_validate(body)
-        except ValidationError as exc:
-            err = exc.errors()[0]
-            param = ".".join(str(p) for p in err["loc"]) or None
-            raise ApiError(400, f"{param}: {err['msg']}" if param else err["msg"], param=param) from None
-        if req.n not in (None, 1):
-            raise ApiError(400, "only n=1 is supported", param="n")
-        if req.model not in (None, self.model_name, str(self.cfg.model)):
-            # OpenAI answers an unknown model with 404 (code model_not_found); so do we.
-            raise ApiError(404, f"The model `{req.model}` does not exist.", param="model",
-                           code="model_not_found")
-        return req
-
-    async def fetch_images(self, urls: list[tuple[str, str]]):
-        """Fetch and check every image concurrently. Raises :class:`ApiError` 400 naming the part."""
-        results = await asyncio.gather(*(self.media.load(url) for _, url in urls), return_exceptions=True)
-        for (param, _), res in zip(urls, results, strict=True):
-            if isinstance(res, MediaError):
-                raise ApiError(400, str(res), param=param)
-            if isinstance(res, BaseException):
-                raise res
-        return results
-
     def stage_dtype(self, info: InstanceInfo) -> str:
         """The dtype a stage's transfers are in: ``EPD_DTYPE`` when the gateway sets one, else what
         the instance published (its resolved ``EPD_DTYPE``), else float32 (older entries)."""
@@ -371,55 +354,3 @@ class Gateway:
         logger.info("request %s: aborting in %d stage(s): %s", rid, len(targets), reason)
         for address in targets:
             self.client.send_nowait(address, pb.AbortRequest(request_id=rid, reason=reason))
-
-
-@web.middleware
-async def auth_middleware(request: web.Request, handler):
-    """``EPD_API_KEY`` set: every ``/v1/`` route needs ``Authorization: Bearer <key>``."""
-    gw: Gateway = request.app[GATEWAY_KEY]
-    key = gw.cfg.api_key
-    if key and request.path.startswith("/v1/"):
-        got = request.headers.get("Authorization", "")
-        if not hmac.compare_digest(got.encode(), f"Bearer {key}".encode()):
-            gw.metrics.errors.labels("401").inc()
-            return ApiError(401, "Incorrect API key provided." if got else "Missing API key: send "
-                            "'Authorization: Bearer <key>'.", code="invalid_api_key").response()
-    return await handler(request)
-
-
-@web.middleware
-async def error_middleware(request: web.Request, handler):
-    gw: Gateway = request.app[GATEWAY_KEY]
-    try:
-        return await handler(request)
-    except ApiError as exc:
-        error = exc
-    except web.HTTPRequestEntityTooLarge as exc:
-        error = ApiError(413, f"request body too large (EPD_MAX_BODY_MB): {exc.text}")
-    except web.HTTPException as exc:
-        error = ApiError(exc.status, exc.reason, type_="invalid_request_error")
-    except Exception:
-        logger.exception("unhandled error on %s", request.path)
-        error = ApiError(500, "internal server error", type_="internal_error")
-    gw.metrics.errors.labels(str(error.status)).inc()
-    return error.response()
-
-
-def make_app(cfg: GatewayConfig) -> web.Application:
-    """The aiohttp application of one gateway."""
-    from services.gateway import handlers
-
-    app = web.Application(client_max_size=cfg.max_body_mb << 20, middlewares=[error_middleware, auth_middleware])
-    gw = Gateway(cfg)
-    app[GATEWAY_KEY] = gw
-
-    async def on_startup(_app):
-        await gw.start()
-
-    async def on_cleanup(_app):
-        await gw.stop()
-
-    app.on_startup.append(on_startup)
-    app.on_cleanup.append(on_cleanup)
-    handlers.add_routes(app)
-    return app
