@@ -205,7 +205,7 @@ class Profiler:
                 grids.append(tuple(grid))
             lens = [len(i) for i in ids]
 
-        def run():  # as PrefillProc._run: prompt inputs per request, one packed forward
+        def run():  # as PrefillEngine._run: prompt inputs per request, one packed forward
             inputs = [a.prompt_inputs(i, feats if k == 0 else [], grids if k == 0 else []) for k, i in enumerate(ids)]
             self.runner.prefill(torch.cat([e for e, _, _ in inputs]), torch.cat([p for _, p, _ in inputs], dim=1),
                                 lens)

@@ -224,7 +224,7 @@ class PrefillSim(Instance):
                 sim.first_token(r)
             exposed = self.kv_exposed(batch, forward)
             if exposed > 0:
-                yield self.env.timeout(exposed)  # KvSender.finish: the loop waits for the last writes
+                yield self.env.timeout(exposed)  # KvConnector.wait_for_save: the engine waits for the last writes
             self.busy_s += self.env.now - t_step
             for r in batch:
                 self.states.pop(r.spec.index, None)
