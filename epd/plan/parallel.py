@@ -24,9 +24,9 @@ import time
 from pathlib import Path
 
 
-def _worker(model: str, dtype: str) -> None:
-    """Load the model, print ``ready``, then for each ``run SECONDS AT`` line on stdin work from the
-    ``time.time()`` instant AT for SECONDS and print ``rate R``; stop at end of input."""
+def _units(model: str, dtype: str):
+    """``(encode, prefill)``: one-thread callables on the loaded model — an encode of a 224² photo
+    and a 128-token prefill, the probes' units of work."""
     import torch
 
     torch.set_num_threads(1)
@@ -40,10 +40,24 @@ def _worker(model: str, dtype: str) -> None:
     image = sample_images(0)[(224, 224)][0]
     ids = torch.randint(10, adapter.vocab_size - 20, (128,), generator=torch.Generator().manual_seed(0)).tolist()
 
-    def unit():
+    def encode():
         adapter.encode([image])
+
+    def prefill():
         e, p, _ = adapter.prompt_inputs(ids, [], [])
         runner.prefill(e, p, [len(ids)])
+
+    return encode, prefill
+
+
+def _worker(model: str, dtype: str) -> None:
+    """Load the model, print ``ready``, then for each ``run SECONDS AT`` line on stdin work from the
+    ``time.time()`` instant AT for SECONDS and print ``rate R``; stop at end of input."""
+    encode, prefill = _units(model, dtype)
+
+    def unit():
+        encode()
+        prefill()
 
     unit()
     print("ready", flush=True)
@@ -63,25 +77,7 @@ def _colocated_worker(model: str, dtype: str, seconds: float) -> None:
     import json
     import threading
 
-    import torch
-
-    torch.set_num_threads(1)
-    from epd.device import torch_dtype
-    from epd.models.qwen2_runner import Qwen2VLRunner
-    from epd.models.qwen2_vl import Qwen2VLAdapter
-    from epd.plan.probes import sample_images
-
-    adapter = Qwen2VLAdapter.load(model, dtype=torch_dtype(dtype))
-    runner = Qwen2VLRunner(adapter)
-    image = sample_images(0)[(224, 224)][0]
-    ids = torch.randint(10, adapter.vocab_size - 20, (128,), generator=torch.Generator().manual_seed(0)).tolist()
-
-    def enc():
-        adapter.encode([image])
-
-    def pre():
-        e, p, _ = adapter.prompt_inputs(ids, [], [])
-        runner.prefill(e, p, [len(ids)])
+    enc, pre = _units(model, dtype)
 
     def loop(fn, until, out, key):
         n = 0
@@ -160,7 +156,7 @@ def measure(model: Path, dtype: str, cores: int, seconds: float = 4.0, extra: in
     """
     rates = _rounds(model, dtype, seconds, list(range(1, cores + extra + 1)) if cores > 1 else [1])
     solo = rates[1][0]
-    capacity = {str(k): min(float(k), sum(r) / solo) for k, r in rates.items()}
+    capacity = {str(k): min(float(k), float(cores), sum(r) / solo) for k, r in rates.items()}
     eff = capacity.get(str(cores), 1.0) / cores if cores > 1 else 1.0
     return {"parallel_capacity": capacity, "parallel_efficiency": min(1.0, eff), "solo_rate": solo,
             "parallel_rates": {str(k): r for k, r in rates.items()}}
