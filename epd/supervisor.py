@@ -22,6 +22,14 @@ Lifecycle of one process::
 - ``run()`` in the main thread handles SIGINT/SIGTERM: the first stops (as :meth:`stop`), a
   second one at least ``repeat_signal_s`` later kills every group at once (as :meth:`kill`;
   a signal delivered twice, to a wrapper and to us, is not a second Ctrl-C).
+- Changes while running (any thread; the loop carries them out at its next turn):
+  :meth:`add` starts a new process, :meth:`retire` stops one for good (SIGTERM to its group,
+  SIGKILL after ``stop_timeout_s``; state ``retired``, never restarted), :meth:`respawn` starts
+  one that is down again (optionally with a new spec), :meth:`set_spec` changes the spec the
+  next restart uses. ``epd up``'s elastic controller (:mod:`epd.elastic`) scales encoders and
+  records role switches with them; the e2e tests start and kill single processes with them.
+- ``ProcessSpec.log_file``: that process's lines go to the file (appended, unprefixed)
+  instead of the shared output.
 - ``run()`` returns 0 when every process's last exit was clean (code 0, or death by the
   SIGTERM the stop sent), 1 otherwise (a crash left down or pending restart, a SIGKILLed
   straggler). It returns by itself only when no process is left to supervise (restart="no").
@@ -40,6 +48,7 @@ from dataclasses import dataclass, field
 from typing import TextIO
 
 RESTART_POLICIES = ("unless-stopped", "no")
+_DOWN = ("new", "exited", "stopped", "killed", "retired")  # states with no process running (respawn-able)
 CLEAN_EXIT_CODES = (0, -signal.SIGTERM)
 _COLOURS = (36, 33, 32, 35, 34, 96, 93, 92, 95, 94)
 
@@ -52,12 +61,14 @@ class ProcessSpec:
     command: str
     env: Mapping[str, str] | None = None
     cwd: str | None = None
+    log_file: str | None = None  # this process's output goes here (appended) instead of the shared output
 
 
 @dataclass(frozen=True)
 class ProcessStatus:
     """A snapshot of one process: ``pid`` of the current or last run (0 before the first),
-    ``state`` one of ``new`` (not started), ``running``, ``backoff``, ``exited``, ``stopped``, ``killed``."""
+    ``state`` one of ``new`` (not started), ``running``, ``backoff``, ``exited``, ``stopped``, ``killed``,
+    ``retiring`` (SIGTERM sent by :meth:`Supervisor.retire`), ``retired``."""
 
     name: str
     pid: int
@@ -78,6 +89,8 @@ class _Child:
     restart_at: float = 0.0
     returncode: int | None = None
     readers: list[threading.Thread] = field(default_factory=list)
+    retire: bool = False  # retire() asked; the loop sends SIGTERM and never restarts it
+    retire_deadline: float = 0.0
 
 
 class Supervisor:
@@ -136,6 +149,80 @@ class Supervisor:
             return [ProcessStatus(c.spec.name, c.popen.pid if c.popen else 0, c.state, c.restarts, c.returncode)
                     for c in self._children]
 
+    def add(self, spec: ProcessSpec) -> None:
+        """Start a new process at the loop's next turn (or with the others, before :meth:`run`).
+        A name in use by a process that is down (retired, exited) is replaced.
+
+        Raises:
+            ValueError: the name belongs to a process that is running or restarting.
+        """
+        with self._lock:
+            old = self._find(spec.name)
+            if old is not None and old.state not in _DOWN:
+                raise ValueError(f"process {spec.name!r} is {old.state}")
+            if old is not None:
+                self._children.remove(old)
+            colour = _COLOURS[len(self._children) % len(_COLOURS)]
+            self._children.append(_Child(spec, colour))
+            self._width = max(self._width, len(spec.name))
+
+    def retire(self, name: str) -> None:
+        """Stop process ``name`` for good: SIGTERM to its group at the loop's next turn (it
+        drains), SIGKILL after ``stop_timeout_s``; it is never restarted (state ``retired``).
+
+        Raises:
+            KeyError: no such process.
+        """
+        with self._lock:
+            child = self._get(name)
+            if child.state in _DOWN:
+                child.state = "retired"
+            else:
+                child.retire = True
+
+    def respawn(self, name: str, spec: ProcessSpec | None = None) -> None:
+        """Start process ``name`` again at the loop's next turn (counts as a restart), with
+        ``spec`` instead of its current one if given.
+
+        Raises:
+            KeyError: no such process. ValueError: it is still running or restarting.
+        """
+        with self._lock:
+            child = self._get(name)
+            if child.state not in _DOWN:
+                raise ValueError(f"process {name!r} is {child.state}")
+            child.spec = spec or child.spec
+            child.restarts += 1
+            child.state, child.retire = "new", False
+
+    def set_spec(self, name: str, spec: ProcessSpec) -> None:
+        """Use ``spec`` from the next (re)start of process ``name`` on; the running one is untouched.
+
+        Raises:
+            KeyError: no such process.
+        """
+        with self._lock:
+            self._get(name).spec = spec
+
+    def pid(self, name: str) -> int:
+        """Pid of the current or last run of ``name`` (0 before its first start).
+
+        Raises:
+            KeyError: no such process.
+        """
+        with self._lock:
+            child = self._get(name)
+            return child.popen.pid if child.popen else 0
+
+    def _find(self, name: str) -> _Child | None:
+        return next((c for c in self._children if c.spec.name == name), None)
+
+    def _get(self, name: str) -> _Child:
+        child = self._find(name)
+        if child is None:
+            raise KeyError(f"no process {name!r}")
+        return child
+
     def say(self, message: str) -> None:
         """Print one line as the supervisor (the same format and lock as the processes' lines)."""
         self._print("supervisor", message, 1)
@@ -154,9 +241,11 @@ class Supervisor:
                     self._spawn(child)
             while not self._stop.wait(self.poll_s) and not self._take_signals():
                 now = time.monotonic()
-                for child in self._children:
+                with self._lock:
+                    children = list(self._children)
+                for child in children:
                     self._step(child, now)
-                if all(c.state == "exited" for c in self._children):
+                if all(c.state in ("exited", "retired") for c in children):
                     self.say("every process has exited (restart=no)")
                     break
             return self._shutdown()
@@ -195,7 +284,14 @@ class Supervisor:
 
     def _forward(self, child: _Child, popen: subprocess.Popen) -> None:
         assert popen.stdout is not None
+        log_file = child.spec.log_file
         with popen.stdout:
+            if log_file:
+                with open(log_file, "ab") as fh:
+                    for raw in popen.stdout:
+                        fh.write(raw)
+                        fh.flush()
+                return
             for raw in popen.stdout:
                 self._print(child.spec.name, raw.decode("utf-8", "replace").rstrip("\r\n"), child.colour)
 
@@ -207,10 +303,22 @@ class Supervisor:
             print(prefix + line, file=self.output, flush=True)
 
     def _step(self, child: _Child, now: float) -> None:
-        if child.state == "running":
+        if child.state == "new":
+            self._spawn(child)
+        elif child.state in ("running", "retiring"):
+            if child.retire and child.state == "running":
+                self.say(f"{child.spec.name}: retiring (SIGTERM; SIGKILL after {self.stop_timeout_s:g} s)")
+                _killpg(child.popen.pid, signal.SIGTERM)
+                with self._lock:
+                    child.state, child.retire_deadline = "retiring", now + self.stop_timeout_s
             code = _reap(child.popen)
             if code is not None:
                 self._on_exit(child, code, now)
+            elif child.state == "retiring" and now >= child.retire_deadline:
+                _killpg(child.popen.pid, signal.SIGKILL)
+        elif child.state == "backoff" and child.retire:
+            with self._lock:
+                child.state = "retired"
         elif child.state == "backoff" and now >= child.restart_at:
             with self._lock:
                 child.restarts += 1
@@ -218,6 +326,11 @@ class Supervisor:
 
     def _on_exit(self, child: _Child, code: int, now: float) -> None:
         name = child.spec.name
+        if child.retire:
+            with self._lock:
+                child.state, child.returncode, child.retire = "retired", code, False
+            self.say(f"{name} retired (exit code {code})")
+            return
         if self.restart == "no":
             with self._lock:
                 child.state, child.returncode = "exited", code
@@ -232,7 +345,7 @@ class Supervisor:
         self.say(f"{name} exited with code {code}; restarting in {delay:.1f} s (restart {child.restarts + 1})")
 
     def _shutdown(self) -> int:
-        running = [c for c in self._children if c.state == "running"]
+        running = [c for c in self._children if c.state in ("running", "retiring")]
         if running:
             self.say(f"stopping: SIGTERM to {len(running)} process(es), SIGKILL after {self.stop_timeout_s:g} s "
                      "(Ctrl-C again: now)")
@@ -245,7 +358,7 @@ class Supervisor:
                 if (code := _reap(child.popen)) is not None:
                     with self._lock:
                         child.state, child.returncode = "stopped", code
-            running = [c for c in running if c.state == "running"]
+            running = [c for c in running if c.state in ("running", "retiring")]
             self._kill.wait(self.poll_s)
         for child in running:
             self.say(f"{child.spec.name} still running: SIGKILL")

@@ -208,3 +208,60 @@ def test_rejects_bad_arguments():
         Supervisor([ProcessSpec("a", "true"), ProcessSpec("a", "true")])
     with pytest.raises(ValueError, match="> 0"):
         Supervisor([], backoff_s=0)
+
+
+def test_add_retire_respawn_while_running(tmp_path):
+    """Processes added while running start; a retired one gets SIGTERM, is never restarted and
+    does not count as a crash; respawn starts it again with a new spec; log_file takes its output."""
+    out = io.StringIO()
+    sup = Supervisor([ProcessSpec("base", SLEEPER)], backoff_s=0.1, stop_timeout_s=5, output=out)
+    run = Running(sup)
+    wait_for(lambda: state(sup, "base").state == "running")
+    log = tmp_path / "extra.log"
+    sup.add(ProcessSpec("extra", py("import time; print('extra up', flush=True); time.sleep(60)"),
+                        log_file=str(log)))
+    with pytest.raises(ValueError):
+        sup.add(ProcessSpec("base", SLEEPER))  # running: not replaced
+    wait_for(lambda: log.exists() and "extra up" in log.read_text())
+    assert "extra up" not in out.getvalue()
+    pid = sup.pid("extra")
+    assert alive(pid)
+    sup.retire("extra")
+    wait_for(lambda: state(sup, "extra").state == "retired")
+    assert not alive(pid)
+    time.sleep(0.4)  # longer than the backoff: a retired process stays down
+    assert state(sup, "extra").state == "retired" and state(sup, "extra").restarts == 0
+    with pytest.raises(ValueError):
+        sup.respawn("base")
+    sup.respawn("extra", ProcessSpec("extra", py("import time; print('second', flush=True); time.sleep(60)"),
+                                     log_file=str(log)))
+    wait_for(lambda: "second" in log.read_text())
+    assert state(sup, "extra").restarts == 1
+    with pytest.raises(KeyError):
+        sup.retire("nope")
+    sup.stop()
+    assert run.join() == 0
+
+
+def test_set_spec_applies_from_the_next_restart():
+    out = io.StringIO()
+    first = py("import sys, time; print('first', flush=True); time.sleep(0.3); sys.exit(0)")
+    sup = Supervisor([ProcessSpec("p", first)], backoff_s=0.1, output=out)
+    run = Running(sup)
+    wait_for(lambda: "first" in out.getvalue())
+    sup.set_spec("p", ProcessSpec("p", SLEEPER.replace("'up'", "'switched'")))
+    wait_for(lambda: "switched" in out.getvalue())
+    sup.stop()
+    assert run.join() == 0
+
+
+def test_retire_escalates_to_sigkill():
+    out = io.StringIO()
+    sup = Supervisor([ProcessSpec("stubborn", IGNORES_TERM)], stop_timeout_s=0.5, output=out)
+    run = Running(sup)
+    wait_for(lambda: "pid" in out.getvalue())
+    pid = sup.pid("stubborn")
+    sup.retire("stubborn")
+    wait_for(lambda: state(sup, "stubborn").state == "retired", 5)
+    assert not alive(pid)
+    assert run.join() == 1  # SIGKILLed: not a clean exit (and no process left: run returns)
