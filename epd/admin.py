@@ -7,7 +7,8 @@ Every backend process serves, on ``EPD_ADMIN_PORT`` (0 = any free port, register
   process (SERVING once every hosted role is registered, NOT_SERVING as soon as one drains),
   and one service per hosted role (``"encoder"``, ``"prefill"``, ``"decode"``);
 - ``epd.admin.v1.Admin``: ``Stats`` (each role's load + capacity + in-flight count) and
-  ``Drain`` (stop taking new work, finish in-flight, deregister, exit).
+  ``Drain`` (stop taking new work, finish in-flight, deregister, exit) and ``SwitchRole``
+  (give up one hosted role for another in place: :meth:`epd.process_host.ProcessHost.switch_role`).
 
 With the cluster secret (EPD_CLUSTER_SECRET / _FILE) the Admin methods want the metadata
 ``authorization: Bearer <hex of derive_key(secret, "admin")>`` and answer UNAUTHENTICATED
@@ -41,7 +42,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 SERVICE = apb.DESCRIPTOR.services_by_name["Admin"].full_name  # "epd.admin.v1.Admin"
-_TYPES = {"Stats": (apb.StatsRequest, apb.StatsReply), "Drain": (apb.DrainRequest, apb.DrainReply)}
+_TYPES = {"Stats": (apb.StatsRequest, apb.StatsReply), "Drain": (apb.DrainRequest, apb.DrainReply),
+          "SwitchRole": (apb.SwitchRoleRequest, apb.SwitchRoleReply)}
 
 
 class AdminError(RuntimeError):
@@ -85,7 +87,8 @@ class AdminServer:
     def __init__(
         self, procs: list[ServiceProc], host: str, port: int, advertise: str, token: bytes | None = None
     ) -> None:
-        self.procs = procs
+        self.procs = procs  # the host's list: a role switch replaces its element in place
+        self.on_switch = None  # set by the host: (from_role, to_role, timeout_s) -> SwitchRoleReply
         self._expected = _bearer(token) if token else None
         self.server = grpc.server(ThreadPoolExecutor(max_workers=4, thread_name_prefix="admin"))
         self.health = health.HealthServicer()
@@ -93,6 +96,7 @@ class AdminServer:
         handlers = {
             "Stats": self._handler(self._stats),
             "Drain": self._handler(self._drain),
+            "SwitchRole": self._handler(self._switch_role, "SwitchRole"),
         }
         self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
         try:
@@ -104,8 +108,8 @@ class AdminServer:
         self.address = f"{advertise}:{bound}"
         self.sync_health()
 
-    def _handler(self, fn):
-        name = fn.__name__.strip("_").capitalize()
+    def _handler(self, fn, name: str = ""):
+        name = name or fn.__name__.strip("_").capitalize()
         req_t, rep_t = _TYPES[name]
 
         def authorized(request, context):
@@ -160,6 +164,12 @@ class AdminServer:
             logger.info("%s: drain requested over admin", proc.instance_id)
             proc.request_drain(request.timeout_s or None)
         return apb.DrainReply(roles=[role_stats(p) for p in procs])
+
+    def _switch_role(self, request: apb.SwitchRoleRequest, context) -> apb.SwitchRoleReply:
+        if self.on_switch is None:
+            context.abort(grpc.StatusCode.UNIMPLEMENTED, "this process cannot switch roles")
+        self._select(request.from_role, context)
+        return self.on_switch(request.from_role, request.to_role, request.timeout_s or None)
 
 
 # -- clients (epd health / epd stats / epd drain) -----------------------------------------
@@ -223,6 +233,19 @@ def drain(
         AdminError: unreachable, or refused (``UNAUTHENTICATED`` without the right token).
     """
     return _call(address, "Drain", apb.DrainRequest(role=role, timeout_s=drain_timeout_s), timeout_s, token)
+
+
+def switch_role(address: str, from_role: str, to_role: str, drain_timeout_s: float = 0.0,
+                timeout_s: float = 120.0, token: bytes | None = None) -> apb.SwitchRoleReply:
+    """Ask the process at ``address`` to switch ``from_role`` to ``to_role``; returns when the new
+    role serves (``ok``) or the switch was refused (``ok`` false, ``message`` says why).
+
+    Raises:
+        AdminError: unreachable, ``from_role`` not hosted there (``NOT_FOUND``), refused
+            (``UNAUTHENTICATED``), or no answer within ``timeout_s`` seconds.
+    """
+    request = apb.SwitchRoleRequest(from_role=from_role, to_role=to_role, timeout_s=drain_timeout_s)
+    return _call(address, "SwitchRole", request, timeout_s, token)
 
 
 def stats_dict(reply: apb.StatsReply | apb.DrainReply) -> dict:

@@ -8,7 +8,8 @@ Co-located roles get their own inbox, queue, loop thread and registry entry (ins
 ``<EPD_INSTANCE_ID>-<role>``; with a fixed ``EPD_PORT`` the i-th role binds ``EPD_PORT + i``)
 and share one loaded model (``Qwen2VLAdapter``) among the Procs that accept ``adapter=``: it
 holds the union of those roles' weights (``role_parts``: EP loads vision + language, PD the
-language model only), loaded once.
+language model only), loaded once. :func:`proc_factory` builds another role's Proc for an
+in-place role switch (:meth:`epd.process_host.ProcessHost.switch_role`).
 """
 
 from __future__ import annotations
@@ -66,6 +67,36 @@ def _shared_adapter(cfg: config.CommonConfig, roles: tuple[str, ...], classes: l
     return Qwen2VLAdapter.load(cfg.model, dtype=torch_dtype(cfg.dtype), parts=role_parts(*sharing))
 
 
+def switched_instance_id(base: str, role: str, original: dict[str, str]) -> str:
+    """Instance id of ``role`` after a role switch: its id at start if the process started with
+    that role (``original``: role -> id), else ``<base>-as-<role>`` (``base``: EPD_INSTANCE_ID)."""
+    return original.get(role) or f"{base}-as-{role}"
+
+
+def proc_factory(procs: list):
+    """The :data:`epd.process_host.ProcFactory` of this process: builds the proc of another role
+    for an in-place role switch, reusing the previous proc's model when it holds every part the
+    new role needs (prefill ↔ decode: the language model) and loading the weights otherwise.
+
+    Raises (from the returned function):
+        ConfigError: a bad variable for the new role. Any error of the weights or the region.
+    """
+    base = config.load(config.CommonConfig).instance_id or f"{socket.gethostname()}-{os.getpid()}"
+    original = {p.role: p.instance_id for p in procs}
+
+    def build(role: str, previous):
+        from epd.models.qwen2_vl import role_parts
+
+        cls = getattr(importlib.import_module(_PROCS[role][1]), _PROCS[role][2])
+        cfg = config.load(_PROCS[role][0], instance_id=switched_instance_id(base, role, original),
+                          port=previous.config.port)
+        adapter = getattr(previous, "adapter", None)
+        reuse = adapter is not None and _takes_adapter(cls) and set(role_parts(role)) <= set(adapter.parts)
+        return (cls(cfg, adapter=adapter) if reuse else cls(cfg)), reuse
+
+    return build
+
+
 def run(roles: tuple[str, ...]) -> int:
     """Host ``roles`` in this process until drained or stopped; returns the exit code.
 
@@ -87,7 +118,7 @@ def run(roles: tuple[str, ...]) -> int:
     if len(roles) > 1:
         shared = [r for r, c in zip(roles, classes, strict=True) if adapter is not None and _takes_adapter(c)]
         logger.info("hosting %s in one process; model shared by: %s", ", ".join(roles), ", ".join(shared) or "none")
-    return ProcessHost(procs).run()
+    return ProcessHost(procs, proc_factory(procs)).run()
 
 
 def main(role: str | None = None) -> int:

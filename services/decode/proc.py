@@ -41,6 +41,7 @@ class DecodeProc(ServiceProc):
         )
         super().__init__(config, "decode", layout.nbytes)
         self.cfg = config
+        self.adapter = adapter  # kept for a role switch that can reuse the weights
         self.layout = layout
         self.engine = DecodeEngine(Qwen2VLRunner(adapter), KvPool(layout, self.region.tensor),
                                    config.decode_max_batch, set(adapter.eos_token_ids))

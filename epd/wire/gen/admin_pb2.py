@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0b\x61\x64min.proto\x12\x0c\x65pd.admin.v1\"\x1c\n\x0cStatsRequest\x12\x0c\n\x04role\x18\x01 \x01(\t\"\x97\x02\n\tRoleStats\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x13\n\x0binstance_id\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x10\n\x08inflight\x18\x04 \x01(\x03\x12/\n\x04load\x18\x05 \x03(\x0b\x32!.epd.admin.v1.RoleStats.LoadEntry\x12\x37\n\x08\x63\x61pacity\x18\x06 \x03(\x0b\x32%.epd.admin.v1.RoleStats.CapacityEntry\x1a+\n\tLoadEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a/\n\rCapacityEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"A\n\nStatsReply\x12\x0b\n\x03pid\x18\x01 \x01(\x03\x12&\n\x05roles\x18\x02 \x03(\x0b\x32\x17.epd.admin.v1.RoleStats\"/\n\x0c\x44rainRequest\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x11\n\ttimeout_s\x18\x02 \x01(\x01\"4\n\nDrainReply\x12&\n\x05roles\x18\x01 \x03(\x0b\x32\x17.epd.admin.v1.RoleStats2\x85\x01\n\x05\x41\x64min\x12=\n\x05Stats\x12\x1a.epd.admin.v1.StatsRequest\x1a\x18.epd.admin.v1.StatsReply\x12=\n\x05\x44rain\x12\x1a.epd.admin.v1.DrainRequest\x1a\x18.epd.admin.v1.DrainReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0b\x61\x64min.proto\x12\x0c\x65pd.admin.v1\"\x1c\n\x0cStatsRequest\x12\x0c\n\x04role\x18\x01 \x01(\t\"\x97\x02\n\tRoleStats\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x13\n\x0binstance_id\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x10\n\x08inflight\x18\x04 \x01(\x03\x12/\n\x04load\x18\x05 \x03(\x0b\x32!.epd.admin.v1.RoleStats.LoadEntry\x12\x37\n\x08\x63\x61pacity\x18\x06 \x03(\x0b\x32%.epd.admin.v1.RoleStats.CapacityEntry\x1a+\n\tLoadEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a/\n\rCapacityEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"A\n\nStatsReply\x12\x0b\n\x03pid\x18\x01 \x01(\x03\x12&\n\x05roles\x18\x02 \x03(\x0b\x32\x17.epd.admin.v1.RoleStats\"/\n\x0c\x44rainRequest\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x11\n\ttimeout_s\x18\x02 \x01(\x01\"4\n\nDrainReply\x12&\n\x05roles\x18\x01 \x03(\x0b\x32\x17.epd.admin.v1.RoleStats\"J\n\x11SwitchRoleRequest\x12\x11\n\tfrom_role\x18\x01 \x01(\t\x12\x0f\n\x07to_role\x18\x02 \x01(\t\x12\x11\n\ttimeout_s\x18\x03 \x01(\x01\"\xbb\x01\n\x0fSwitchRoleReply\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x13\n\x0binstance_id\x18\x03 \x01(\t\x12\x11\n\toffload_s\x18\x04 \x01(\x01\x12\x11\n\tmigrate_s\x18\x05 \x01(\x01\x12\x10\n\x08onload_s\x18\x06 \x01(\x01\x12\x16\n\x0eweights_reused\x18\x07 \x01(\x08\x12&\n\x05roles\x18\x08 \x03(\x0b\x32\x17.epd.admin.v1.RoleStats2\xd3\x01\n\x05\x41\x64min\x12=\n\x05Stats\x12\x1a.epd.admin.v1.StatsRequest\x1a\x18.epd.admin.v1.StatsReply\x12=\n\x05\x44rain\x12\x1a.epd.admin.v1.DrainRequest\x1a\x18.epd.admin.v1.DrainReply\x12L\n\nSwitchRole\x12\x1f.epd.admin.v1.SwitchRoleRequest\x1a\x1d.epd.admin.v1.SwitchRoleReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -49,6 +49,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DRAINREQUEST']._serialized_end=455
   _globals['_DRAINREPLY']._serialized_start=457
   _globals['_DRAINREPLY']._serialized_end=509
-  _globals['_ADMIN']._serialized_start=512
-  _globals['_ADMIN']._serialized_end=645
+  _globals['_SWITCHROLEREQUEST']._serialized_start=511
+  _globals['_SWITCHROLEREQUEST']._serialized_end=585
+  _globals['_SWITCHROLEREPLY']._serialized_start=588
+  _globals['_SWITCHROLEREPLY']._serialized_end=775
+  _globals['_ADMIN']._serialized_start=778
+  _globals['_ADMIN']._serialized_end=989
 # @@protoc_insertion_point(module_scope)

@@ -63,3 +63,33 @@ class DrainReply(_message.Message):
     ROLES_FIELD_NUMBER: _ClassVar[int]
     roles: _containers.RepeatedCompositeFieldContainer[RoleStats]
     def __init__(self, roles: _Optional[_Iterable[_Union[RoleStats, _Mapping]]] = ...) -> None: ...
+
+class SwitchRoleRequest(_message.Message):
+    __slots__ = ("from_role", "to_role", "timeout_s")
+    FROM_ROLE_FIELD_NUMBER: _ClassVar[int]
+    TO_ROLE_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    from_role: str
+    to_role: str
+    timeout_s: float
+    def __init__(self, from_role: _Optional[str] = ..., to_role: _Optional[str] = ..., timeout_s: _Optional[float] = ...) -> None: ...
+
+class SwitchRoleReply(_message.Message):
+    __slots__ = ("ok", "message", "instance_id", "offload_s", "migrate_s", "onload_s", "weights_reused", "roles")
+    OK_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    OFFLOAD_S_FIELD_NUMBER: _ClassVar[int]
+    MIGRATE_S_FIELD_NUMBER: _ClassVar[int]
+    ONLOAD_S_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_REUSED_FIELD_NUMBER: _ClassVar[int]
+    ROLES_FIELD_NUMBER: _ClassVar[int]
+    ok: bool
+    message: str
+    instance_id: str
+    offload_s: float
+    migrate_s: float
+    onload_s: float
+    weights_reused: bool
+    roles: _containers.RepeatedCompositeFieldContainer[RoleStats]
+    def __init__(self, ok: _Optional[bool] = ..., message: _Optional[str] = ..., instance_id: _Optional[str] = ..., offload_s: _Optional[float] = ..., migrate_s: _Optional[float] = ..., onload_s: _Optional[float] = ..., weights_reused: _Optional[bool] = ..., roles: _Optional[_Iterable[_Union[RoleStats, _Mapping]]] = ...) -> None: ...
