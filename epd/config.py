@@ -250,6 +250,26 @@ class LauncherConfig(_Base):
         return v
 
 
+class ElasticConfig(_Base):
+    """``epd up``'s elastic controller (:mod:`epd.elastic`): on with ``EPD_ELASTIC=on``.
+    ``EPD_ENCODERS_MIN``/``MAX`` default to the topology's standalone encoder count (no scaling)."""
+
+    elastic: Literal["off", "on"] = "off"
+    elastic_period_s: float = Field(2.0, gt=0)  # seconds between registry readings
+    elastic_window: int = Field(3, ge=1)  # readings averaged per decision
+    encoders_min: int | None = Field(None, ge=0)
+    encoders_max: int | None = Field(None, ge=0)
+    scale_up_queue: float = Field(4.0, gt=0)  # images queued per encoder that add one
+    scale_down_idle_s: float = Field(30.0, gt=0)  # no image queued this long: retire one
+    role_switch: Literal["off", "on"] = "on"  # prefill <-> decode switching (with EPD_ELASTIC=on)
+    switch_prefill_high: float = Field(4.0, gt=0)  # requests queued per prefill
+    switch_prefill_low: float = Field(0.5, ge=0)
+    switch_decode_high: float = Field(8.0, gt=0)  # running + waiting requests per decode
+    switch_decode_low: float = Field(2.0, ge=0)
+    switch_cooldown_s: float = Field(10.0, ge=0)
+    switch_drain_s: float = Field(2.0, gt=0)  # offload: in-flight work gets this long, then migrates
+
+
 class ClusterSecretConfig(_Base):
     """EPD_CLUSTER_SECRET / EPD_CLUSTER_SECRET_FILE alone: all the admin clients (``epd stats|drain|health``) need."""
 

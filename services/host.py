@@ -69,8 +69,13 @@ def _shared_adapter(cfg: config.CommonConfig, roles: tuple[str, ...], classes: l
 
 def switched_instance_id(base: str, role: str, original: dict[str, str]) -> str:
     """Instance id of ``role`` after a role switch: its id at start if the process started with
-    that role (``original``: role -> id), else ``<base>-as-<role>`` (``base``: EPD_INSTANCE_ID)."""
-    return original.get(role) or f"{base}-as-{role}"
+    that role (``original``: role -> id), else ``<name>-as-<role>`` where ``name`` is the
+    launcher's process name (``EPD_INSTANCE_ID`` up to any ``-as-``), or ``name`` itself when it
+    is ``<role>-<i>`` (a process restarted as decode after a switch becomes ``prefill-1`` again)."""
+    if role in original:
+        return original[role]
+    name = base.split("-as-", 1)[0]
+    return name if name.rsplit("-", 1)[0] == role else f"{name}-as-{role}"
 
 
 def proc_factory(procs: list):

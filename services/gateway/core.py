@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from epd.config import GatewayConfig
+from epd.registry.controller_state import get_controller_state
 from epd.registry.peers import PeerWatch
 from epd.registry.registry import FeatureEntry, Heartbeat, InstanceInfo, Registry, RegistryError
 from epd.wire.auth import Signer, check_exposure, load_secret
@@ -151,10 +152,11 @@ class GatewayCore:
         attempt depending on an instance found gone gets ``stage_lost``. A Redis failure keeps
         the last view (logged)."""
         try:
-            snapshot = await asyncio.get_running_loop().run_in_executor(None, self.registry.instances)
+            snapshot, elastic = await asyncio.get_running_loop().run_in_executor(None, self._read_registry)
         except RegistryError as exc:
             logger.warning("registry refresh failed: %s", exc)
             return
+        self.metrics.elastic = elastic
         gone = self.peers.update(snapshot)
         self.router.update(self.peers.snapshot())  # rides out a Redis restart's empty registry
         for ref in gone:
@@ -164,6 +166,10 @@ class GatewayCore:
                            ref.instance_id, ref.incarnation, len(hit))
             for adm in hit:
                 adm.queue.put_nowait(("stage_lost", ref, time.perf_counter(), ""))
+
+    def _read_registry(self):
+        """The live instances and ``epd up``'s elastic controller state (None without one)."""
+        return self.registry.instances(), get_controller_state(self.registry)
 
     async def _refresh_loop(self) -> None:
         parent = os.getppid()

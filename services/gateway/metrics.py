@@ -14,7 +14,7 @@ report (they do the transfers); the gateway has no honest number for them.
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0,
                     1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
@@ -49,6 +49,44 @@ class _InstanceCollector:
         yield load
         yield charged
         yield restarts
+
+
+class _ElasticCollector:
+    """``epd up``'s elastic controller (:mod:`epd.elastic`), from the state it publishes in the
+    registry (read on each registry refresh); nothing when no controller runs."""
+
+    def __init__(self, metrics: GatewayMetrics) -> None:
+        self.metrics = metrics
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        state = self.metrics.elastic
+        if state is None:
+            return
+        actions = CounterMetricFamily("epd_elastic_actions", "Elastic controller actions: scale_up, scale_down, "
+                                      "switch, failed, refused (bounds or guards)", labels=["action", "role"])
+        for key, n in sorted(state.actions.items()):
+            action, _, role = key.partition(":")
+            actions.add_metric([action, role], float(n))
+        yield actions
+        last = GaugeMetricFamily("epd_role_switch_last_seconds", "Phases of the last role switch: offload "
+                                 "(drain), migrate (weights + region), onload (registered), total", labels=["phase"])
+        for phase, seconds in sorted(state.last_switch.items()):
+            last.add_metric([phase], seconds)
+        yield last
+        total = CounterMetricFamily("epd_role_switch_seconds", "Role switches and their summed duration")
+        total.add_metric([], state.switch_seconds_sum)
+        yield total
+        switches = CounterMetricFamily("epd_role_switches", "Role switches completed")
+        switches.add_metric([], float(state.switches))
+        yield switches
+        targets = GaugeMetricFamily("epd_elastic_target_instances", "Instances per role the elastic controller "
+                                    "steers to", labels=["role"])
+        for role, n in sorted(state.targets.items()):
+            targets.add_metric([role], float(n))
+        yield targets
 
 
 class GatewayMetrics:
@@ -89,6 +127,8 @@ class GatewayMetrics:
                                    "(heartbeat expired or restarted under a new incarnation)", ["instance"],
                                    registry=r)
         r.register(_InstanceCollector(router))
+        self.elastic = None  # epd.registry.controller_state.ControllerState, set by the registry refresh
+        r.register(_ElasticCollector(self))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
