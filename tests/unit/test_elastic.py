@@ -181,3 +181,23 @@ def test_controller_scales_switches_and_publishes(clean_redis, monkeypatch):
 def test_process_name_of_switched_instances():
     assert elastic.process_name("prefill-1-as-decode") == "prefill-1"
     assert elastic.process_name("decode-0") == "decode-0"
+
+
+def test_spec_factory_copies_a_started_process_of_the_role(tmp_path):
+    specs = [
+        ProcessSpec("encoder-0", "exec /py -m services.encoder", {"EPD_INSTANCE_ID": "encoder-0",
+                    "EPD_TORCH_THREADS": "2", "EPD_MODEL": "/m"}, "/root", str(tmp_path / "encoder-0.log")),
+        ProcessSpec("ep-0", "exec /py -m services", {"EPD_INSTANCE_ID": "ep-0", "EPD_ROLES": "encoder,prefill",
+                    "EPD_TORCH_THREADS": "1"}, "/root"),
+        ProcessSpec("prefill-0", "exec /py -m services.prefill", {"EPD_INSTANCE_ID": "prefill-0",
+                    "EPD_TORCH_THREADS": "1", "EPD_MODEL": "/m"}, "/root"),
+        ProcessSpec("gateway", "exec /py -m services.gateway", {"EPD_INSTANCE_ID": "gateway"}, "/root"),
+    ]
+    spec_for = elastic.spec_factory(specs)
+    enc = spec_for("encoder-1", "encoder", "encoder-1")
+    assert enc.command == "exec /py -m services.encoder" and enc.cwd == "/root"
+    assert enc.env["EPD_INSTANCE_ID"] == "encoder-1" and enc.env["EPD_TORCH_THREADS"] == "2"
+    assert enc.log_file == str(tmp_path / "encoder-1.log")
+    dec = spec_for("prefill-0", "decode", "prefill-0-as-decode")
+    assert dec.command == "exec /py -m services.decode" and "EPD_ROLES" not in dec.env
+    assert dec.env["EPD_INSTANCE_ID"] == "prefill-0-as-decode" and dec.env["EPD_MODEL"] == "/m"
