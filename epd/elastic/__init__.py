@@ -26,7 +26,7 @@ A decision the bounds forbid is logged once (``elastic: … stays at …``) and 
 launcher started are scaled or switched; co-located ones (``EP``) are left as they are.
 """
 
-from epd.elastic.controller import ElasticController, spec_factory, start_for_up
+from epd.elastic.controller import ElasticController, for_up, spec_factory
 from epd.elastic.policy import (
     Action,
     ElasticPolicy,
@@ -37,5 +37,5 @@ from epd.elastic.policy import (
     snapshot,
 )
 
-__all__ = ["Action", "ElasticController", "ElasticPolicy", "Policy", "Snapshot", "policy_from_config",
-           "process_name", "snapshot", "spec_factory", "start_for_up"]
+__all__ = ["Action", "ElasticController", "ElasticPolicy", "for_up", "Policy", "Snapshot", "policy_from_config",
+           "process_name", "snapshot", "spec_factory"]

@@ -169,9 +169,10 @@ def spec_factory(specs: list) -> Callable:
     return spec_for
 
 
-def start_for_up(supervisor, specs: list, redis_url: str, startup_timeout_s: float) -> ElasticController | None:
-    """Start the controller of an ``epd up`` deployment when ``EPD_ELASTIC=on`` (call once the
-    deployment is healthy: before that the encoder count is not known); None when off.
+def for_up(supervisor, specs: list, redis_url: str, startup_timeout_s: float) -> Callable[[], ElasticController] | None:
+    """Check the ``EPD_ELASTIC*`` configuration of an ``epd up`` deployment now and return what
+    starts its controller (call it once the deployment is healthy: before that the encoder count
+    is not known); None when ``EPD_ELASTIC`` is off.
 
     Raises:
         ConfigError: a bad ``EPD_ELASTIC*``/``EPD_ENCODERS_*``/``EPD_SWITCH_*`` variable.
@@ -182,18 +183,21 @@ def start_for_up(supervisor, specs: list, redis_url: str, startup_timeout_s: flo
     cfg = load(ElasticConfig)
     if cfg.elastic != "on":
         return None
-    encoders = sum(1 for s in specs if "-m services.encoder" in s.command)
-    policy = policy_from_config(cfg, encoders)
+    policy = policy_from_config(cfg, sum(1 for s in specs if "-m services.encoder" in s.command))
     sec = load(ClusterSecretConfig)
     secret = load_secret(sec.cluster_secret, sec.cluster_secret_file)
-    controller = ElasticController(
-        policy, Registry(redis_url, secret=secret), supervisor, spec_factory(specs), period_s=cfg.elastic_period_s,
-        switch_drain_s=cfg.switch_drain_s, admin_token=derive_key(secret, "admin") if secret else None,
-        startup_timeout_s=startup_timeout_s,
-    )
-    supervisor.say(f"elastic: on, every {cfg.elastic_period_s:g} s: encoders {policy.encoders_min}–"
-                   f"{policy.encoders_max} (queue ≥ {policy.scale_up_queue:g}/encoder adds one, "
-                   f"{policy.scale_down_idle_s:g} s idle removes one); role switching "
-                   f"{'on' if policy.switch else 'off'}")
-    controller.start()
-    return controller
+
+    def start() -> ElasticController:
+        controller = ElasticController(
+            policy, Registry(redis_url, secret=secret), supervisor, spec_factory(specs),
+            period_s=cfg.elastic_period_s, switch_drain_s=cfg.switch_drain_s,
+            admin_token=derive_key(secret, "admin") if secret else None, startup_timeout_s=startup_timeout_s,
+        )
+        supervisor.say(f"elastic: on, every {cfg.elastic_period_s:g} s: encoders {policy.encoders_min}–"
+                       f"{policy.encoders_max} (queue ≥ {policy.scale_up_queue:g}/encoder adds one, "
+                       f"{policy.scale_down_idle_s:g} s idle removes one); role switching "
+                       f"{'on' if policy.switch else 'off'}")
+        controller.start()
+        return controller
+
+    return start
