@@ -28,6 +28,7 @@ import platformdirs
 
 from epd.config import LauncherConfig, environ_snapshot
 from epd.cores import describe, split_cores, usable_cores
+from epd.elastic import for_up
 from epd.hardware import resolve_dtype
 from epd.supervisor import ProcessSpec, Supervisor
 from epd.topology import Topology, from_counts, parse_topology
@@ -133,21 +134,79 @@ def gateway_ready(url: str, want: dict[str, int]) -> bool:
     return all(counts.get(role, 0) >= n for role, n in want.items())
 
 
-def _wait_healthy(cfg: LauncherConfig, supervisor: Supervisor, url: str, failed: threading.Event) -> None:
-    """Announce the deployment once the gateway sees every role; stop it (and set ``failed``)
-    if that takes longer than ``EPD_STARTUP_TIMEOUT_S``."""
+def _wait_healthy(cfg: LauncherConfig, supervisor: Supervisor, url: str, failed: threading.Event,
+                  on_ready=None) -> None:
+    """Announce the deployment once the gateway sees every role (then call ``on_ready``, e.g. to
+    start the elastic controller); stop it (and set ``failed``) if that takes longer than
+    ``EPD_STARTUP_TIMEOUT_S``."""
     deadline = time.monotonic() + cfg.startup_timeout_s
     topo = deployment_topology(cfg)
     want = {role: topo.count(role) for role in ("encoder", "prefill", "decode")}
     while time.monotonic() < deadline:
         if gateway_ready(url, want):
             supervisor.say(f"epd-serve is up ({topo.notation}): {url}/v1  (OpenAI-compatible; Ctrl-C stops everything)")
+            if on_ready is not None:
+                on_ready()
             return
         if supervisor.wait_stopping(0.5):
             return
     supervisor.say(f"services not healthy after {cfg.startup_timeout_s:.0f} s (EPD_STARTUP_TIMEOUT_S); stopping")
     failed.set()
     supervisor.stop()
+
+
+def deployment_specs(cfg: LauncherConfig, redis_url: str, model: Path, port: int, *, cores: int | None = None,
+                     extra_env: dict[str, str] | None = None, log_dir: Path | None = None) -> list[ProcessSpec]:
+    """The processes of the deployment ``cfg`` describes, as ``epd up`` starts them (the e2e
+    tests' cluster uses the same specs under its own :class:`Supervisor`).
+
+    Each runs its :func:`service_commands` command in the repository root. Its environment, by
+    rising precedence: this process's, the deployment's settings (Redis, model, gateway address,
+    transfer backend and protocol, device, log level, ``EPD_DTYPE`` resolved once for
+    ``cfg.device``), ``extra_env``, then its own variables (instance id, thread counts, roles,
+    device index).
+
+    Args:
+        cfg: the topology (or counts), device, transfer and thread settings.
+        redis_url: the registry every process uses.
+        model: the model directory.
+        port: the gateway's HTTP port.
+        cores: cores split among the compute processes (default: :func:`epd.cores.usable_cores`);
+            unused when ``cfg.torch_threads`` is set.
+        extra_env: variables for every process (e.g. the tests' pool sizes and wire tap); a
+            process's own variables still win.
+        log_dir: when given, each process's output is appended to ``<log_dir>/<name>.log``
+            instead of going to the supervisor's output.
+
+    Returns:
+        One :class:`ProcessSpec` per process, in :func:`service_commands` order (gateway last).
+
+    Raises:
+        ValueError: an unknown ``cfg.dtype`` or an invalid ``cfg.topology``.
+    """
+    dtype, _ = resolve_dtype(cfg.dtype, cfg.device)
+    env = {
+        **os.environ, **environ_snapshot(), "EPD_REDIS_URL": redis_url, "EPD_MODEL": str(model),
+        "EPD_GATEWAY_PORT": str(port), "EPD_GATEWAY_HOST": cfg.gateway_host,
+        "EPD_TRANSFER_BACKEND": cfg.transfer_backend, "EPD_TRANSFER_PROTOCOL": cfg.transfer_protocol,
+        "EPD_DEVICE": cfg.device, "EPD_LOG_LEVEL": cfg.log_level,
+        "EPD_DTYPE": dtype,
+        "PYTHONUNBUFFERED": "1",
+        **(extra_env or {}),
+    }
+    root = str(Path(__file__).resolve().parents[1])
+    return [ProcessSpec(name, cmd, {**env, **extra}, root, str(log_dir / f"{name}.log") if log_dir else None)
+            for name, cmd, extra in service_commands(cfg, cores)]
+
+
+def _print_plan(cfg: LauncherConfig, cores: int, specs: list[ProcessSpec]) -> None:
+    """The dtype, the transfer backend and each compute process's threads, with the reasons."""
+    dtype, why = resolve_dtype(cfg.dtype, cfg.device)
+    print(f"dtype {dtype} ({why})", flush=True)
+    via = f"mooncake, {cfg.transfer_protocol}" if cfg.transfer_backend == "mooncake" else "shared memory, this host"
+    print(f"transfer backend {cfg.transfer_backend} ({via})", flush=True)
+    threads = [(s.name, int(s.env["EPD_TORCH_THREADS"])) for s in specs[:-1] if s.env]  # gateway (last): no torch
+    print(describe(cores, threads, cfg.torch_threads), flush=True)
 
 
 def up(cfg: LauncherConfig) -> int:
@@ -162,33 +221,19 @@ def up(cfg: LauncherConfig) -> int:
         redis_url = redis_srv.url
         print(f"embedded Redis at {redis_url}", flush=True)
     port = cfg.gateway_port or free_port()
-    dtype, why = resolve_dtype(cfg.dtype, cfg.device)
-    print(f"dtype {dtype} ({why})", flush=True)
-    via = f"mooncake, {cfg.transfer_protocol}" if cfg.transfer_backend == "mooncake" else "shared memory, this host"
-    print(f"transfer backend {cfg.transfer_backend} ({via})", flush=True)
-    env = {
-        **os.environ, **environ_snapshot(), "EPD_REDIS_URL": redis_url, "EPD_MODEL": str(model),
-        "EPD_GATEWAY_PORT": str(port), "EPD_GATEWAY_HOST": cfg.gateway_host,
-        "EPD_TRANSFER_BACKEND": cfg.transfer_backend, "EPD_TRANSFER_PROTOCOL": cfg.transfer_protocol,
-        "EPD_DEVICE": cfg.device, "EPD_LOG_LEVEL": cfg.log_level,
-        "EPD_DTYPE": dtype,
-        "PYTHONUNBUFFERED": "1",
-    }
-    root = str(Path(__file__).resolve().parents[1])
     cores = usable_cores()
-    commands = service_commands(cfg, cores)
-    threads = [(name, int(extra["EPD_TORCH_THREADS"])) for name, _, extra in commands if "EPD_TORCH_THREADS" in extra]
-    print(describe(cores, threads, cfg.torch_threads), flush=True)
-    specs = [ProcessSpec(name, cmd, {**env, **extra}, root) for name, cmd, extra in commands]
+    specs = deployment_specs(cfg, redis_url, model, port, cores=cores)
+    _print_plan(cfg, cores, specs)
     supervisor = Supervisor(
         specs, restart=cfg.restart, backoff_s=cfg.restart_backoff_s, backoff_max_s=cfg.restart_backoff_max_s,
         stop_timeout_s=cfg.drain_timeout_s + 5,  # let SIGTERM drains finish before SIGKILL
     )
     host = "127.0.0.1" if cfg.gateway_host in ("0.0.0.0", "") else cfg.gateway_host
     unhealthy = threading.Event()
-    threading.Thread(target=_wait_healthy, args=(cfg, supervisor, f"http://{host}:{port}", unhealthy),
-                     daemon=True).start()
     try:
+        elastic = for_up(supervisor, specs, redis_url, cfg.startup_timeout_s)  # EPD_ELASTIC=on: epd.elastic
+        threading.Thread(target=_wait_healthy, args=(cfg, supervisor, f"http://{host}:{port}", unhealthy, elastic),
+                         daemon=True).start()
         code = supervisor.run()
     finally:
         if redis_srv is not None:

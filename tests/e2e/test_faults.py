@@ -27,7 +27,7 @@ import pytest
 import redis
 import zmq
 
-from epd.registry.registry import InstanceInfo, Registry
+from epd.registry.registry import InstanceInfo
 from epd.wire.auth import Signer
 from epd.wire.gen import epd_pb2 as pb
 from epd.wire.sockets import Inbox, Outbox
@@ -76,8 +76,6 @@ def cluster(tmp_path_factory, redis_server, tiny_model):
     url = f"redis://127.0.0.1:{redis_server['port']}/0"
     c = start_cluster(tmp_path_factory.mktemp("faults"), url, tiny_model, encoders=2, prefills=2, decodes=2,
                       extra_env={**FAST, "EPD_CLUSTER_SECRET": SECRET})
-    c.redis_url = url
-    c.registry = Registry(url, secret=SECRET.encode())
     yield c
     codes = c.stop()
     assert all(p.poll() is not None for p in c.procs.values()), codes
@@ -104,7 +102,7 @@ def _settled(c) -> None:
 
 
 def _gateway_log_has(c, rid: str, text: str) -> bool:
-    return any(rid in line and text in line for line in c.log("gateway-0").splitlines())
+    return any(rid in line and text in line for line in c.log("gateway").splitlines())
 
 
 @pytest.mark.parametrize("role", ["encoder", "prefill", "decode"])
@@ -139,7 +137,7 @@ def test_decode_killed_mid_stream_migrates_token_exact(cluster, hf):
     req = ClientRequest(f"{cluster.url}/v1/chat/completions", _chat([], TEXT, n, stream=True), after_tokens=6)
     assert req.first_tokens.wait(60)
     rid = req.out.rid
-    line = next(ln for ln in cluster.log("gateway-0").splitlines() if f"request {rid}: route" in ln)
+    line = next(ln for ln in cluster.log("gateway").splitlines() if f"request {rid}: route" in ln)
     name = line.rsplit("decode ", 1)[1].strip()
     victim = cluster.procs[name]
     os.kill(victim.pid, signal.SIGSTOP)  # freeze it mid-stream, then kill it
@@ -174,12 +172,12 @@ def test_sigstop_decode_is_routed_around_and_frees_on_resume(cluster, hf, photos
 def test_gateway_killed_mid_stream_then_restarted(cluster, hf):
     req = ClientRequest(f"{cluster.url}/v1/chat/completions", _chat([], TEXT, 160, stream=True), after_tokens=4)
     assert req.first_tokens.wait(60)
-    cluster.procs["gateway-0"].kill()
+    cluster.procs["gateway"].kill()
     out = req.result(30)
     assert not out.done  # the client saw the connection go
     _settled(cluster)  # decode stopped streaming to nobody and freed the blocks
-    cluster.procs["gateway-0"].wait()
-    cluster.spawn("gateway-0")
+    cluster.procs["gateway"].wait()
+    cluster.spawn("gateway")
     from epd.launcher import gateway_ready
 
     wait_for(lambda: gateway_ready(cluster.url, {"encoder": 2, "prefill": 2, "decode": 2}), 60, what="gateway")
@@ -271,7 +269,7 @@ def test_forged_messages_and_registry_entries_are_ignored(cluster, hf):
         ok = ClientRequest(f"{cluster.url}/v1/chat/completions", _chat([], TEXT, 4)).result(60)
         assert ok.status == 200
     assert evil_inbox.recv(200) is None
-    with open(cluster.logs["gateway-0"]) as fh:
+    with open(cluster.logs["gateway"]) as fh:
         log = fh.read()
     assert "rejected" in log
     with urllib.request.urlopen(f"{cluster.url}/metrics") as resp:
@@ -290,7 +288,6 @@ def single(tmp_path_factory, redis_url, tiny_model):
     url = redis_url.rsplit("/", 1)[0] + "/5"
     redis.Redis.from_url(url).flushdb()
     c = start_cluster(tmp_path_factory.mktemp("single"), url, tiny_model, extra_env=FAST)
-    c.registry = Registry(url)
     yield c
     c.stop()
 

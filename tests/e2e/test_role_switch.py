@@ -17,7 +17,6 @@ import urllib.request
 import pytest
 
 from epd.admin import AdminError, switch_role
-from epd.registry.registry import Registry
 from tests.e2e.cluster import start_cluster
 from tests.e2e.http import png_data_url
 from tests.model_fixtures import sample_photos
@@ -55,7 +54,6 @@ def reference(hf_reference, workload):
 def cluster(tmp_path_factory, redis_url, tiny_model):
     db = redis_url.rsplit("/", 1)[0] + "/9"
     c = start_cluster(tmp_path_factory.mktemp("switch"), db, tiny_model, encoders=1, prefills=2, decodes=1)
-    c.registry = Registry(db)
     yield c
     c.stop()
 

@@ -158,8 +158,8 @@ def test_drain_finishes_inflight_and_routes_new_work_elsewhere(tmp_path, redis_u
     alive, so nobody fails its requests, but never chosen), the request still completes, a
     request sent meanwhile goes to the other decode, and the drained one exits 0.
 
-    Runs the processes directly (tests/e2e/cluster.py), not under ``epd up``, whose supervisor
-    would start the drained process again."""
+    Runs under tests/e2e/cluster.py (the launcher's processes, ``restart="no"``), not ``epd up``,
+    whose supervisor would start the drained process again."""
     url = redis_url.rsplit("/", 1)[0] + "/7"
     cluster = start_cluster(tmp_path, url, tiny_model, decodes=2, extra_env={"EPD_DRAIN_TIMEOUT_S": "120"})
     reg = Registry(url)
