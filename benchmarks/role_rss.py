@@ -39,14 +39,24 @@ def ready(port: int) -> bool:
     return all(counts.get(k, 0) >= 1 for k in ROLES)
 
 
-def rss_mb() -> dict[str, int]:
-    """RSS (MB) of every ``-m services.<role>`` process on the machine, by role."""
-    out = subprocess.run(["ps", "-eo", "pid,rss,args"], capture_output=True, text=True).stdout
+def rss_mb(root_pid: int) -> dict[str, int]:
+    """RSS (MB, ps KiB / 1024) of every ``-m services.<role>`` process under ``root_pid`` (the
+    ``epd up`` this script started; other deployments on the machine are not counted), by role."""
+    out = subprocess.run(["ps", "-eo", "pid,ppid,rss,args"], capture_output=True, text=True).stdout
+    rows = [line.split(None, 3) for line in out.splitlines()[1:]]
+    children: dict[int, list[int]] = {}
+    for pid, ppid, *_ in rows:
+        children.setdefault(int(ppid), []).append(int(pid))
+    ours, todo = set(), [root_pid]
+    while todo:
+        pid = todo.pop()
+        ours.add(pid)
+        todo.extend(children.get(pid, []))
     rss = {}
-    for line in out.splitlines():
+    for pid, _, kib, args in rows:
         for role in (*ROLES, "gateway"):
-            if f"-m services.{role}" in line:
-                rss[role] = round(int(line.split()[1]) / 1024)
+            if int(pid) in ours and f"-m services.{role}" in args:
+                rss[role] = round(int(kib) / 1024)
     return rss
 
 
@@ -72,7 +82,7 @@ def main() -> None:
                                capture_output=True, text=True)
         ok = [ln.strip() for ln in bench.stdout.splitlines() if "Successful" in ln or "Failed" in ln]
         print(json.dumps({"root": root, "dtype": dtype, "start_to_ready_s": round(t_ready, 1), "request": ok,
-                          "rss_mb": rss_mb()}))
+                          "rss_mb": rss_mb(proc.pid)}))
     finally:
         os.killpg(proc.pid, 15)
         proc.wait(60)
