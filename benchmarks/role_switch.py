@@ -28,7 +28,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from epd.bench.client import RunConfig, run_requests
+from epd.bench.client import RunConfig, run_requests, served_models
 from epd.bench.metrics import compute_metrics
 from epd.bench.workloads import WorkloadArgs, build_workload
 from epd.launcher import gateway_ready
@@ -81,9 +81,10 @@ def run_mode(args, elastic: str) -> dict:
                     raise RuntimeError(f"epd up did not come up; see {log_path}")
                 time.sleep(0.5)
             reqs = workload(args)
-            cfg = RunConfig(base_url=url, model="", request_rate=args.request_rate, burstiness=1e6, seed=args.seed,
+            model = asyncio.run(served_models(url))[0]
+            cfg = RunConfig(base_url=url, model=model, request_rate=args.request_rate, burstiness=1e6, seed=args.seed,
                             ignore_eos=True, progress=False)
-            asyncio.run(run_requests(RunConfig(base_url=url, model="", ignore_eos=True, progress=False),
+            asyncio.run(run_requests(RunConfig(base_url=url, model=model, ignore_eos=True, progress=False),
                                      reqs[:1] + reqs[-1:]))  # warm-up: one of each kind
             result = asyncio.run(run_requests(cfg, reqs))
             time.sleep(args.period * 2)  # the last switch's state reaches the gateway
@@ -97,7 +98,8 @@ def run_mode(args, elastic: str) -> dict:
     figures = compute_metrics(result.records, result.duration_s, percentiles=(50.0, 90.0))
     long_tpot = sorted(r.tpot for r in result.records[args.short:] if r.tpot is not None)
     events = [ln.split("| ", 1)[-1] for ln in log_path.read_text().splitlines() if "elastic:" in ln]
-    return {"elastic": elastic, "failed": sum(not r.success for r in result.records),
+    errors = sorted({r.error for r in result.records if not r.success})
+    return {"elastic": elastic, "failed": sum(not r.success for r in result.records), "errors": errors[:5],
             "duration_s": round(result.duration_s, 2), "metrics": figures, "switch_metrics": metrics,
             "long_tpot_p50_ms": 1000 * long_tpot[len(long_tpot) // 2] if long_tpot else None,
             "events": events, "log": str(log_path)}

@@ -19,7 +19,7 @@ Every ``EPD_ELASTIC_PERIOD_S`` the controller reads the registry (:func:`snapsho
   switches. The language model is reused, so only the offload waits for work (in-flight
   requests get ``EPD_SWITCH_DRAIN_S``, then migrate through the gateway; none fails).
 
-A decision the bounds forbid is logged once (``elastic: … stays at …``) and counted as
+A decision the bounds forbid is logged (``elastic: … stays …``, at most once a minute per kind) and counted as
 ``refused``. Every action is logged by the supervisor and published
 (:mod:`epd.registry.controller_state`) for the gateway's ``/metrics``
 (``epd_elastic_actions_total``, ``epd_role_switch_seconds``). Only single-role processes the

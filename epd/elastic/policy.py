@@ -13,6 +13,9 @@ from epd.registry.registry import InstanceInfo
 logger = logging.getLogger(__name__)
 
 
+REFUSAL_REPEAT_S = 60.0  # a refusal the load keeps asking for is reported again after this long
+
+
 @dataclass(frozen=True)
 class ElasticPolicy:
     """Thresholds of the controller (module docstring; the ``EPD_…`` variables of the same names).
@@ -102,7 +105,7 @@ class Policy:
         self.history: deque[Snapshot] = deque(maxlen=cfg.window)
         self._idle_since: float | None = None
         self._last_switch = float("-inf")
-        self._refused: set[str] = set()
+        self._refused: dict[str, float] = {}  # refusal kind -> when it was last reported
 
     def switched(self, at: float) -> None:
         """Note that a switch was made (or tried) at ``at``: the cooldown starts."""
@@ -151,11 +154,10 @@ class Policy:
                     acts.append(Action("switch", "decode", "prefill", why))
                 else:
                     refused.append(("to_prefill", f"{why}: a switch to prefill would leave no decode: stays"))
-        kinds = {k for k, _ in refused}
-        for kind, message in refused:
-            if kind not in self._refused:  # once per episode, not every period
+        for kind, message in refused:  # at most once per REFUSAL_REPEAT_S per kind, not every period
+            if snap.at - self._refused.get(kind, float("-inf")) >= REFUSAL_REPEAT_S:
+                self._refused[kind] = snap.at
                 acts.append(Action("refused", "encoder" if kind == "encoder" else "switch", reason=message))
-        self._refused = kinds
         return acts
 
 

@@ -33,12 +33,13 @@ def test_scale_up_needs_a_full_window_and_stops_at_the_max():
     refused = p.decide(snap(4, enc=two, eq=40))
     assert kinds(refused) == [("refused", "encoder", "")]
     assert "EPD_ENCODERS_MAX=2 reached: stays at 2" in refused[0].reason
-    assert p.decide(snap(5, enc=two, eq=40)) == []  # logged once per episode
+    assert p.decide(snap(5, enc=two, eq=40)) == []  # reported once, not every period
     assert p.decide(snap(6, enc=two, eq=0)) == []
     p.decide(snap(7, enc=two, eq=0))
     p.decide(snap(8, enc=two, eq=0))
-    assert kinds(p.decide(snap(9, enc=two, eq=8))) == []  # the window's mean is 1.3 per encoder
-    assert kinds(p.decide(snap(10, enc=two, eq=80))) == [("refused", "encoder", "")]  # a new episode
+    assert p.decide(snap(9, enc=two, eq=80)) == []  # the window's mean is over 4 again: still quiet
+    assert p.decide(snap(30, enc=two, eq=80)) == []
+    assert kinds(p.decide(snap(64, enc=two, eq=80))) == [("refused", "encoder", "")]  # again after 60 s
 
 
 def test_scale_down_after_idle_time_never_below_the_min():
