@@ -1,4 +1,4 @@
-"""The ``epd`` command: ``epd up``, ``epd serve ROLES``, ``epd health|stats|drain ADDR``, ``epd model build``,
+"""The ``epd`` command: ``epd up``, ``epd serve ROLES``, ``epd health|stats|drain|switch ADDR``, ``epd model build``,
 ``epd bench serve|compare``,
 ``epd profile``, ``epd plan``."""
 
@@ -98,6 +98,25 @@ def _cmd_drain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_switch(args: argparse.Namespace) -> int:
+    from epd.admin import AdminError, stats_dict, switch_role
+
+    try:
+        reply = switch_role(args.address, args.from_role, args.to_role, drain_timeout_s=args.drain_timeout,
+                            timeout_s=args.timeout, token=_admin_token())
+    except AdminError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    if not reply.ok:
+        print(f"switch refused: {reply.message}", file=sys.stderr)
+        return 1
+    out = {"instance_id": reply.instance_id, "weights_reused": reply.weights_reused,
+           "seconds": {"offload": round(reply.offload_s, 4), "migrate": round(reply.migrate_s, 4),
+                       "onload": round(reply.onload_s, 4)}, **stats_dict(reply)}
+    print(json.dumps(out, indent=2))
+    return 0
+
+
 def _cmd_model_build(args: argparse.Namespace) -> int:
     from epd.models.build import build_model
 
@@ -134,12 +153,20 @@ def main(argv: list[str] | None = None) -> None:
                               "derived from EPD_CLUSTER_SECRET or EPD_CLUSTER_SECRET_FILE when set)"),
         ("drain", _cmd_drain, "drain a backend process: no new work, finish in-flight, deregister, exit "
                               "(needs EPD_CLUSTER_SECRET or _FILE when the deployment has one)"),
+        ("switch", _cmd_switch, "switch one role of a backend process to another in place: offload, migrate, "
+                                "onload (EPD paper role switching; needs the admin token like drain)"),
     ):
         p = sub.add_parser(name, help=helptext)
         p.add_argument("address", help="admin address host:port (EPD_ADMIN_PORT; registry field 'admin')")
         p.add_argument("--timeout", type=float, default=3.0, help="RPC deadline in seconds")
         if name == "health":
             p.add_argument("--service", default="", help="role to check (default: the whole process)")
+        elif name == "switch":
+            p.add_argument("--from", dest="from_role", required=True, help="the hosted role to give up")
+            p.add_argument("--to", dest="to_role", required=True, help="encoder, prefill or decode")
+            p.add_argument("--drain-timeout", type=float, default=0.0,
+                           help="offload: seconds for in-flight work before it migrates (0: EPD_DRAIN_TIMEOUT_S)")
+            p.set_defaults(timeout=120.0)
         else:
             p.add_argument("--role", default="", help="only this role (default: every hosted role)")
         if name == "drain":

@@ -139,3 +139,24 @@ def test_refused_switches_say_why(cluster):
     with pytest.raises(AdminError, match="NOT_FOUND"):
         switch_role(address, "decode", "prefill")
     assert _health(cluster.url)["prefill"] == 2
+
+
+def test_epd_switch_command(cluster):
+    import subprocess
+    import sys
+
+    address = _admin(cluster, "prefill-0")
+    cmd = [sys.executable, "-m", "epd.cli", "switch", address]
+    refused = subprocess.run([*cmd, "--from", "prefill", "--to", "prefill"], capture_output=True, text=True)
+    assert refused.returncode == 1 and "switch refused: role 'prefill' is already hosted here" in refused.stderr
+    done = subprocess.run([*cmd, "--from", "prefill", "--to", "decode", "--drain-timeout", "1"],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    assert out["instance_id"] == "prefill-0-as-decode" and out["weights_reused"]
+    assert out["roles"][0]["role"] == "decode" and out["seconds"]["onload"] > 0
+    _wait_health(cluster.url, {"prefill": 1, "decode": 2})
+    back = subprocess.run([*cmd[:-1], _admin(cluster, "prefill-0-as-decode"), "--from", "decode", "--to", "prefill"],
+                          capture_output=True, text=True)
+    assert back.returncode == 0, back.stderr
+    _wait_health(cluster.url, {"prefill": 2, "decode": 1})
