@@ -6,10 +6,10 @@ Every ``EPD_ELASTIC_PERIOD_S`` the controller reads the registry (:func:`snapsho
 
 - **encoder scaling** (EPD paper §3.4's elastic encode stage, the Kubernetes HPA's rule): queued
   images per encoder ≥ ``EPD_SCALE_UP_QUEUE`` → start one more encoder process, up to
-  ``EPD_ENCODERS_MAX``; no image queued anywhere for ``EPD_SCALE_DOWN_IDLE_S`` → retire the
-  newest encoder (SIGTERM: it drains, nothing fails), down to ``EPD_ENCODERS_MIN``. A count
-  outside the bounds is brought inside them. One start at a time: the next waits until the
-  new encoder has registered.
+  ``EPD_ENCODERS_MAX``; no image queued anywhere for ``EPD_SCALE_DOWN_IDLE_S`` (counted again
+  from each change in the encoder count) → retire the newest encoder (SIGTERM: it drains,
+  nothing fails), down to ``EPD_ENCODERS_MIN``. A count outside the bounds is brought inside
+  them. One start at a time: the next waits until the new encoder has registered.
 - **role switching** (EPD paper §3.4, in three steps: offload, migrate, onload;
   :meth:`epd.process_host.ProcessHost.switch_role` over admin ``SwitchRole``): decode crowded
   (running + waiting requests per decode ≥ ``EPD_SWITCH_DECODE_HIGH``) while prefill is idle
@@ -19,8 +19,8 @@ Every ``EPD_ELASTIC_PERIOD_S`` the controller reads the registry (:func:`snapsho
   switches. The language model is reused, so only the offload waits for work (in-flight
   requests get ``EPD_SWITCH_DRAIN_S``, then migrate through the gateway; none fails).
 
-A decision the bounds forbid is logged (``elastic: … stays …``, at most once a minute per kind) and counted as
-``refused``. Every action is logged by the supervisor and published
+A decision the bounds forbid is logged (``elastic: … stays …``, at most once a minute per
+kind) and counted as ``refused``. Every action is logged by the supervisor and published
 (:mod:`epd.registry.controller_state`) for the gateway's ``/metrics``
 (``epd_elastic_actions_total``, ``epd_role_switch_seconds``). Only single-role processes the
 launcher started are scaled or switched; co-located ones (``EP``) are left as they are.

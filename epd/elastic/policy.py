@@ -104,6 +104,7 @@ class Policy:
         self.cfg = cfg
         self.history: deque[Snapshot] = deque(maxlen=cfg.window)
         self._idle_since: float | None = None
+        self._last_encoders: int | None = None  # serving encoders at the previous reading
         self._last_switch = float("-inf")
         self._refused: dict[str, float] = {}  # refusal kind -> when it was last reported
 
@@ -120,7 +121,12 @@ class Policy:
         acts: list[Action] = []
         refused: list[tuple[str, str]] = []  # (kind, message): a kind is logged once per episode
         n_enc = len(snap.encoders) + pending_encoders
-        self._idle_since = (self._idle_since or snap.at) if snap.encoder_queue == 0 else None
+        changed = self._last_encoders is not None and self._last_encoders != len(snap.encoders)
+        self._last_encoders = len(snap.encoders)
+        if snap.encoder_queue or changed:  # work, or a new/removed encoder: the idle clock starts again
+            self._idle_since = None if snap.encoder_queue else snap.at
+        elif self._idle_since is None:
+            self._idle_since = snap.at
         if n_enc < cfg.encoders_min and not pending_encoders:
             acts.append(Action("scale_up", "encoder", reason=f"below EPD_ENCODERS_MIN={cfg.encoders_min}"))
         elif n_enc > cfg.encoders_max:

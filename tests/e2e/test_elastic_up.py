@@ -33,10 +33,17 @@ TEXT_REQS = 12
 LONG = 48
 
 
-def _images():
+def _images(burst: int):
+    """IMAGE_REQS distinct 448×336 images for burst ``burst`` (distinct bytes: every one is encoded)."""
     photos = sample_photos()
     names = sorted(photos)
-    return [photos[names[i % 3]].crop((2 * i, i, 2 * i + 140, i + 112)) for i in range(IMAGE_REQS)]
+    out = []
+    for i in range(IMAGE_REQS):
+        k = burst * IMAGE_REQS + i
+        src = photos[names[k % 3]]
+        x, y = (7 * k) % (src.width - 200), (5 * k) % (src.height - 150)
+        out.append(src.crop((x, y, x + 200, y + 150)).resize((448, 336)))
+    return out
 
 
 async def _send(url, items):
@@ -74,17 +81,15 @@ def _wait(pred, timeout, what, log):
 
 def test_elastic_up_scales_encoders_and_switches_roles(tmp_path, redis_url, tiny_model, hf_reference):
     url = redis_url.rsplit("/", 1)[0] + "/12"
-    images = _images()
-    image_items = [([im], "Describe the picture.", 4) for im in images]
     text_items = [([], f"Count slowly from {i} and explain each step.", LONG) for i in range(TEXT_REQS)]
-    reference = [hf_reference.greedy(imgs, text, n)[1] for imgs, text, n in image_items + text_items]
     port, log = free_port(), tmp_path / "up.log"
     env = {**os.environ, "EPD_TORCH_THREADS": "1", "EPD_HEARTBEAT_S": "0.3", "EPD_REGISTRY_REFRESH_S": "0.2",
            "EPD_KV_MEMORY_MB": "64", "EPD_FEATURE_POOL_MB": "64", "EPD_PREFILL_BUFFER_MB": "64",
            "PYTHONUNBUFFERED": "1", "EPD_ELASTIC": "on", "EPD_ELASTIC_PERIOD_S": "0.3", "EPD_ELASTIC_WINDOW": "1",
            "EPD_ENCODERS_MIN": "1", "EPD_ENCODERS_MAX": "2", "EPD_SCALE_UP_QUEUE": "2", "EPD_SCALE_DOWN_IDLE_S": "4",
            "EPD_SWITCH_DECODE_HIGH": "4", "EPD_SWITCH_DECODE_LOW": "1", "EPD_SWITCH_PREFILL_HIGH": "50",
-           "EPD_SWITCH_COOLDOWN_S": "60", "EPD_SWITCH_DRAIN_S": "1"}
+           "EPD_SWITCH_COOLDOWN_S": "60", "EPD_SWITCH_DRAIN_S": "1",
+           "EPD_ENCODER_MAX_IMAGES": "1"}  # one image per forward: a burst stays queued long enough to be seen
     cmd = [sys.executable, "-m", "epd.cli", "up", "--topology", "1E-2P-1D", "--port", str(port), "--redis-url", url,
            "--model", str(tiny_model)]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
@@ -92,10 +97,18 @@ def test_elastic_up_scales_encoders_and_switches_roles(tmp_path, redis_url, tiny
     try:
         _wait(lambda: gateway_ready(dep.url, {"encoder": 1, "prefill": 2, "decode": 1}), 180, "ready", log)
         _wait(lambda: "elastic: on" in log.read_text(), 10, "controller start", log)
-        got = asyncio.run(_send(dep.url, image_items))
-        _wait(lambda: "elastic: adding encoder-1" in log.read_text(), 30, "scale-up", log)
+        sent, got = [], []
+        for burst in range(4):  # until a reading catches the queue (bursts of distinct images)
+            items = [([im], "Describe the picture.", 4) for im in _images(burst)]
+            sent += items
+            got += asyncio.run(_send(dep.url, items))
+            if "elastic: adding encoder-1" in log.read_text():
+                break
+        _wait(lambda: "elastic: adding encoder-1" in log.read_text(), 10, "scale-up", log)
         _wait(lambda: gateway_ready(dep.url, {"encoder": 2}), 120, "encoder-1 registered", log)
+        sent += text_items
         got += asyncio.run(_send(dep.url, text_items))
+        reference = [hf_reference.greedy(imgs, text, n)[1] for imgs, text, n in sent]
         assert got == reference, "an output differs from HF generate"
         _wait(lambda: "is now prefill-" in log.read_text(), 30, "role switch", log)
         _wait(lambda: "retired" in log.read_text(), 60, "scale-down", log)

@@ -51,6 +51,11 @@ def test_scale_down_after_idle_time_never_below_the_min():
     assert p.decide(snap(8, enc=two)) == []
     assert kinds(p.decide(snap(18, enc=two))) == [("scale_down", "encoder", "")]
     assert p.decide(snap(40)) == []  # at the min
+    three = ("encoder-0", "encoder-1", "encoder-2")
+    assert p.decide(snap(60, enc=two)) == []  # a new encoder registered: a full idle window again
+    assert p.decide(snap(69, enc=two)) == []
+    assert kinds(p.decide(snap(70, enc=two))) == [("scale_down", "encoder", "")]
+    assert p.decide(snap(71, enc=three)) == [] and p.decide(snap(80, enc=three)) == []
 
 
 def test_counts_outside_the_bounds_are_brought_inside():
