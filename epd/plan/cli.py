@@ -39,8 +39,10 @@ def add_profile_parser(sub) -> None:
         "Measure encode (vs images and patches), prefill (vs packed tokens), decode (vs batch and context) and "
         "transfer (vs bytes) with the engine's own parts on this machine, fit the cost models and write the "
         "profile JSON that epd plan simulates with (device, model, dtype and threads recorded in it)."))
-    p.add_argument("--model", required=True,
-                   help="model directory (HF layout), e.g. ~/.cache/epd-serve/models/tiny-seed0")
+    p.add_argument("--model", help="model directory (HF layout), e.g. ~/.cache/epd-serve/models/tiny-seed0")
+    p.add_argument("--refit", metavar="PROFILE.json",
+                   help="measure nothing: fit the cost models of this profile again from its stored samples "
+                        "(a profile written by an older epd) and write the result to --out")
     p.add_argument("--out", required=True, help="profile JSON to write")
     p.add_argument("--dtype", default="auto", help="auto (EPD_DTYPE's rule), float32, bfloat16, float16")
     p.add_argument("--threads", type=_int_list, default=sorted({1, cores}),
@@ -54,13 +56,35 @@ def add_profile_parser(sub) -> None:
     p.set_defaults(func=main_profile)
 
 
+def _refit(args: argparse.Namespace) -> int:
+    """``epd profile --refit OLD --out NEW``: the samples of OLD fitted again (no measurement)."""
+    from epd.plan.profile import Profile, ProfileError
+
+    try:
+        prof = Profile.load(Path(args.refit).expanduser())
+    except ProfileError as exc:
+        print(f"epd profile: {exc}", file=sys.stderr)
+        return 2
+    new = prof.refitted()
+    for stage, per in new.stages.items():
+        for t, m in per.items():
+            print(f"{stage} ({t} thread{'s' if t > 1 else ''}): median relative error "
+                  f"{100 * prof.stages[stage][t].median_rel_err:.1f} % -> {100 * m.median_rel_err:.1f} %")
+    print(f"wrote {new.save(Path(args.out).expanduser())}")
+    return 0
+
+
 def main_profile(args: argparse.Namespace) -> int:
     """Entry of ``epd profile``."""
     from epd.plan.profiler import Profiler
 
     t0 = time.perf_counter()
-    model = Path(args.model).expanduser()
+    if args.refit:
+        return _refit(args)
     try:
+        if not args.model:
+            raise PlanInputError("--model is required (or --refit PROFILE.json)")
+        model = Path(args.model).expanduser()
         if not (model / "config.json").is_file():
             raise PlanInputError(f"--model {args.model}: not a model directory (no config.json)")
         if args.reps < 1:

@@ -104,27 +104,20 @@ def fit(features: tuple[str, ...], samples: list[dict]) -> tuple[dict[str, float
         samples: ``[{"x": {feature: value}, "s": seconds}, ...]`` (``s > 0``).
 
     Returns:
-        ``(coef, median relative error)``. Active-set fitting: solve the weighted least
-        squares, drop the most negative coefficient, repeat (Lawson–Hanson reduced to what
-        five features need).
+        ``(coef, median relative error)``: non-negative least squares (Lawson–Hanson,
+        ``scipy.optimize.nnls``) on the rows weighted by ``1 / seconds``.
 
     Raises:
         ValueError: no samples.
     """
+    from scipy.optimize import nnls
+
     if not samples:
         raise ValueError("no samples to fit")
     x = np.array([[s["x"].get(f, 0.0) for f in features] for s in samples], dtype=np.float64)
     y = np.array([s["s"] for s in samples], dtype=np.float64)
     w = 1.0 / np.maximum(y, 1e-9)
-    active = [i for i in range(len(features)) if np.any(x[:, i] != 0)]
-    coef = np.zeros(len(features))
-    while active:
-        sol, *_ = np.linalg.lstsq(x[:, active] * w[:, None], y * w, rcond=None)
-        if (sol >= 0).all():
-            coef[:] = 0
-            coef[active] = sol
-            break
-        active.pop(int(np.argmin(sol)))
+    coef, _ = nnls(x * w[:, None], y * w)
     pred = x @ coef
     rel = float(np.median(np.abs(pred - y) / y))
     return {f: float(c) for f, c in zip(features, coef, strict=True)}, rel
@@ -228,6 +221,19 @@ class Profile:
             "stages": {s: {str(t): m.to_json() for t, m in per.items()} for s, per in self.stages.items()},
             "transfer": self.transfer.to_json(), "host": self.host, "scale": self.scale,
         }
+
+    def refitted(self) -> Profile:
+        """A copy with every stage's and the transfer's cost model fitted again from the samples
+        it stores (a profile measured with an older fit; scaled profiles keep no samples and
+        keep their coefficients).
+        """
+        def again(stage: str, m: CostModel) -> CostModel:
+            return CostModel.fitted(stage, m.samples) if m.samples else m
+
+        from dataclasses import replace
+
+        stages = {s: {t: again(s, m) for t, m in per.items()} for s, per in self.stages.items()}
+        return replace(self, stages=stages, transfer=again("transfer", self.transfer))
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
