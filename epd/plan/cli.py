@@ -52,6 +52,9 @@ def add_profile_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--reps", type=int, default=3, help="timed runs per sample (median)")
     p.add_argument("--quick", action="store_true", help="fewer samples (smoke tests)")
+    p.add_argument("--no-front-end", action="store_true",
+                   help="skip the front-end measurement on a running epd up E-P-D (needs redis-server); the "
+                   "simulator then uses the synthetic host figures for the gateway and none for the client")
     p.add_argument("--disable-tqdm", action="store_true", help="no progress bar")
     p.set_defaults(func=main_profile)
 
@@ -99,7 +102,7 @@ def main_profile(args: argparse.Namespace) -> int:
         print(f"epd profile: {exc}", file=sys.stderr)
         return 2
     prof = Profiler(model, args.dtype, args.threads, args.transfer_backend, seed=args.seed, reps=args.reps,
-                    quick=args.quick).run(progress=not args.disable_tqdm)
+                    quick=args.quick, front_end=not args.no_front_end).run(progress=not args.disable_tqdm)
     out = prof.save(Path(args.out).expanduser())
     print(summary(prof))
     print(f"wrote {out} ({time.perf_counter() - t0:.0f} s)")
@@ -122,6 +125,20 @@ def summary(prof) -> str:
             + ", ".join(f"{s} {100 * prof.stages[s][t].median_rel_err:.0f}%" for s in prof.stages) + ")")
     lines.append(f"  transfer 1 MB {1e3 * prof.transfer_s(1e6):.2f} ms; host: hop {1e6 * prof.host['hop_s']:.0f} µs, "
                  f"token {1e6 * prof.host['token_s']:.0f} µs, request {1e3 * prof.host['request_s']:.2f} ms")
+    for who in ("gateway", "client"):
+        if who in prof.host:
+            f = prof.front(who)
+            lines.append(f"  {who} (measured on epd up): request {1e3 * f['request_s']:.2f} ms + "
+                         f"{1e3 * f['request_mbyte_s']:.1f} ms/MB, delivery {1e6 * f['delivery_s']:.0f} µs + "
+                         f"token {1e6 * f['token_s']:.0f} µs")
+    if "decode" in prof.host:
+        d = prof.host["decode"]
+        lines.append(f"  decode loop beyond the step (measured on epd up): {1e6 * d['step_s']:.0f} µs per step + "
+                     f"{1e6 * d['token_s']:.0f} µs per request")
+    slow = prof.device.get("slowdown")
+    if slow:
+        lines.append("  beside another stage: " + ", ".join(
+            f"{v} ×{s:.2f} by {a}" for v, row in slow.items() for a, s in row.items()))
     return "\n".join(lines)
 
 

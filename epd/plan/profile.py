@@ -34,7 +34,11 @@ Schema (``"schema": "epd-profile/1"``)::
      "stages": {"encode"|"image_decode"|"prefill"|"decode": {"<threads>": {"coef": {feature:
      s}, "samples": [{"x": {feature: v}, "s": seconds}], "median_rel_err"}}},
      "transfer": {"coef", "samples", "median_rel_err"},
-     "host": {"request_s", "request_mbyte_s", "token_s", "hop_s", "jpeg_bytes_per_pixel"},
+     "host": {"request_s", "request_mbyte_s", "token_s", "hop_s", "jpeg_bytes_per_pixel",
+     optional "gateway" and "client": {"request_s", "request_mbyte_s", "delivery_s", "token_s"}
+     (measured on a running deployment, epd.plan.frontend; without them the first three keys are
+     the gateway's costs and the client costs nothing), optional "decode": {"step_s", "token_s"}
+     (the service's decode loop beyond the engine step, per step and per running request)},
      "scale": null | {"source", "factors", "note"}}
 """
 
@@ -59,6 +63,8 @@ FEATURES: dict[str, tuple[str, ...]] = {
 }
 STAGES = ("encode", "image_decode", "prefill", "decode")
 HOST_KEYS = ("request_s", "request_mbyte_s", "token_s", "hop_s", "jpeg_bytes_per_pixel")
+FRONT_KEYS = ("request_s", "request_mbyte_s", "delivery_s", "token_s")  # host.gateway, host.client
+FRONT_ENDS = ("gateway", "client")
 
 
 class ProfileError(ValueError):
@@ -161,7 +167,7 @@ class Profile:
     transfer_backend: str
     stages: dict[str, dict[int, CostModel]]
     transfer: CostModel
-    host: dict[str, float]
+    host: dict  # HOST_KEYS → seconds; optional FRONT_ENDS → {FRONT_KEYS → seconds}
     seed: int = 0
     created: str = ""
     scale: dict | None = None
@@ -207,6 +213,25 @@ class Profile:
         if threads > max(self.threads) and self.device.get("kind") == "cpu":
             base *= max(self.threads) / threads
         return base
+
+    def front(self, who: str) -> dict[str, float]:
+        """CPU seconds of ``who`` (``gateway`` | ``client``) per request, per MB of image, per
+        delivery (one decode step's tokens) and per token: the measured ``host.<who>`` when the
+        profile has it, else the synthetic probe's figures for the gateway and nothing for the
+        client (profiles from before epd.plan.frontend)."""
+        if who in self.host:
+            return dict(self.host[who])
+        if who == "gateway":
+            h = self.host
+            return {"request_s": h["request_s"], "request_mbyte_s": h["request_mbyte_s"], "delivery_s": 0.0,
+                    "token_s": h["token_s"]}
+        return dict.fromkeys(FRONT_KEYS, 0.0)
+
+    def decode_overhead_s(self, batch: int) -> float:
+        """Seconds a service decode step of ``batch`` requests spends beyond :meth:`cost`'s
+        engine step (``host.decode``; 0 for profiles without it)."""
+        d = self.host.get("decode")
+        return d["step_s"] + d["token_s"] * batch if d else 0.0
 
     def transfer_s(self, nbytes: float) -> float:
         """Seconds of one transfer of ``nbytes`` on the profiled backend."""
@@ -288,10 +313,28 @@ class Profile:
             val = need(host, key, (int, float), "host.")
             if not math.isfinite(val) or val < 0:
                 raise ProfileError(f"{where}: field host.{key} must be a finite number ≥ 0")
+        fronts = {}
+        for who in FRONT_ENDS:
+            if who not in host:
+                continue
+            part = need(host, who, dict, "host.")
+            for key in FRONT_KEYS:
+                val = need(part, key, (int, float), f"host.{who}.")
+                if not math.isfinite(val) or val < 0:
+                    raise ProfileError(f"{where}: field host.{who}.{key} must be a finite number ≥ 0")
+            fronts[who] = {k: float(part[k]) for k in FRONT_KEYS}
+        if "decode" in host:
+            part = need(host, "decode", dict, "host.")
+            for key in ("step_s", "token_s"):
+                val = need(part, key, (int, float), "host.decode.")
+                if not math.isfinite(val) or val < 0:
+                    raise ProfileError(f"{where}: field host.decode.{key} must be a finite number ≥ 0")
+            fronts["decode"] = {k: float(part[k]) for k in ("step_s", "token_s")}
         dtype_bytes = need(raw, "dtype_bytes", int, "")
         return cls(device=device, model=model, dtype=need(raw, "dtype", str, ""), dtype_bytes=dtype_bytes,
                    threads=sorted(threads), transfer_backend=str(raw.get("transfer_backend", "")), stages=stages,
-                   transfer=transfer, host={k: float(host[k]) for k in HOST_KEYS}, seed=int(raw.get("seed", 0)),
+                   transfer=transfer, host={**{k: float(host[k]) for k in HOST_KEYS}, **fronts},
+                   seed=int(raw.get("seed", 0)),
                    created=str(raw.get("created", "")), scale=raw.get("scale"), path=where)
 
     @classmethod
@@ -321,7 +364,8 @@ class Profile:
 
         stages = {s: {t: mul(m, factors.get(s, 1.0)) for t, m in per.items()} for s, per in self.stages.items()}
         hf = factors.get("host", 1.0)
-        host = {k: (v * hf if k.endswith("_s") else v) for k, v in self.host.items()}
+        host = {k: ({kk: vv * hf for kk, vv in v.items()} if isinstance(v, dict) else
+                    v * hf if k.endswith("_s") else v) for k, v in self.host.items()}
         fields = dict(device=self.device, model=self.model, dtype=self.dtype, dtype_bytes=self.dtype_bytes,
                       threads=self.threads, transfer_backend=self.transfer_backend, stages=stages,
                       transfer=mul(self.transfer, factors.get("transfer", 1.0)), host=host, seed=self.seed,

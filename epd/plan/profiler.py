@@ -19,8 +19,14 @@ time, on ``torch.set_num_threads(t)`` for each profiled thread count ``t``:
   loopback) and the front end's per-request cost (chat template + tokenization, base64 + sha256
   of the images) and per-token cost (a TokenDelta through the hop, incremental detokenization,
   an SSE chunk built and parsed);
+- **front end** — the gateway's and the benchmark client's CPU per request, per MB of image,
+  per delivery and per token, read from a running ``epd up --topology E-P-D`` of the model
+  (:mod:`epd.plan.frontend`; needs ``redis-server``, as ``epd up`` does; ``front_end=False``
+  skips it and the simulator falls back on the synthetic host figures);
 - **parallel efficiency** — the engine's work in ``cores`` one-thread processes at once vs one
-  alone (:mod:`epd.plan.parallel`): how many effective cores the simulator shares.
+  alone, and what each stage loses beside another in a second process
+  (:mod:`epd.plan.parallel`): how many effective cores the simulator shares, and the pairwise
+  slowdowns it applies.
 
 Each sample is the median of ``--reps`` runs after one warm-up. The same ``--seed`` gives the
 same inputs (images, token ids); times of course vary with the machine's state, so profile an
@@ -69,7 +75,7 @@ class Profiler:
     """
 
     def __init__(self, model_dir: Path, dtype: str, threads: list[int], backend: str, seed: int = 0,
-                 reps: int = 3, quick: bool = False) -> None:
+                 reps: int = 3, quick: bool = False, front_end: bool = True) -> None:
         from epd.hardware import resolve_dtype
 
         self.model_dir = Path(model_dir)
@@ -79,6 +85,7 @@ class Profiler:
         self.seed = seed
         self.reps = reps
         self.quick = quick
+        self.front_end = front_end
         self.samples: dict[str, dict[int, list[dict]]] = {s: {t: [] for t in self.threads}
                                                           for s in ("encode", "image_decode", "prefill", "decode")}
         self.transfer_samples: list[dict] = []
@@ -114,6 +121,8 @@ class Profiler:
                         out.append((f"decode b{b} ctx{c} t{t}", lambda t=t, b=b, c=c: self._decode(t, b, c)))
         out.append((f"transfer ({self.backend})", self._transfer))
         out.append(("host overheads", self._host))
+        if self.front_end:
+            out.append(("front end (epd up E-P-D)", self._front_end))
         out.append(("parallel efficiency", self._parallel))
         return out
 
@@ -271,13 +280,23 @@ class Profiler:
         """Front-end and control-plane costs (single-threaded Python; threads do not matter)."""
         self.host = measure_host(self.model_dir, self.images, self.reps)
 
+    def _front_end(self) -> None:
+        """The gateway's and the client's CPU costs on a running deployment (:mod:`epd.plan.frontend`)."""
+        from epd.plan.frontend import measure_front_end
+
+        got = measure_front_end(self.model_dir, self.dtype, seed=self.seed)
+        self.host = {**self.host, "gateway": got["gateway"], "client": got["client"]}
+        self.front_end_runs = {"runs": got["front_end_runs"], "gateway_idle_cpu": got["gateway_idle_cpu"]}
+
     def _parallel(self) -> None:
-        """Work of ``cores`` one-thread processes at once vs one alone (:mod:`epd.plan.parallel`)."""
+        """Work of ``cores`` one-thread processes at once vs one alone, and the pairwise stage
+        slowdowns (:mod:`epd.plan.parallel`)."""
         from epd.cores import usable_cores
         from epd.plan.parallel import colocated, measure
 
         secs = 2.0 if self.quick else 4.0
-        self.parallel = {**measure(self.model_dir, self.dtype, usable_cores(), seconds=secs),
+        self.parallel = {**measure(self.model_dir, self.dtype, usable_cores(), seconds=secs * 0.6,
+                                   pair_seconds=secs * 0.4),
                          **colocated(self.model_dir, self.dtype, seconds=secs)}
 
     # -- result ---------------------------------------------------------------------------
@@ -311,9 +330,10 @@ class Profiler:
         from epd.cores import usable_cores
 
         stages = {s: {t: CostModel.fitted(s, per[t]) for t in self.threads} for s, per in self.samples.items()}
-        return Profile(
+        prof = Profile(
             device={"kind": "cpu", "name": cpu_name(), "cores": usable_cores(), "memory_bytes": mem,
-                    **getattr(self, "parallel", {})},
+                    **getattr(self, "parallel", {}),
+                    **({"front_end": self.front_end_runs} if hasattr(self, "front_end_runs") else {})},
             model={"name": self.model_dir.name, "path": str(self.model_dir.resolve()), "num_layers": a.num_layers,
                    "hidden_size": a.hidden_size, "num_kv_heads": a.num_kv_heads, "head_dim": a.head_dim,
                    "vision_hidden": int(a.model.config.vision_config.embed_dim
@@ -327,3 +347,10 @@ class Profiler:
             transfer=CostModel.fitted("transfer", self.transfer_samples), host=self.host, seed=self.seed,
             created=datetime.now().isoformat(timespec="seconds"),
         )
+        if hasattr(self, "front_end_runs"):  # the decode loop's overhead, against the fitted step
+            from epd.cores import split_cores
+            from epd.plan.frontend import decode_overhead
+
+            threads = prof.nearest_threads(split_cores([("encoder",), ("prefill",), ("decode",)], usable_cores())[2])
+            prof.host["decode"] = decode_overhead(prof, self.front_end_runs["runs"], threads)
+        return prof

@@ -29,6 +29,7 @@ class _Job:
     owner: str = ""
     group: str = ""  # the process the job's role runs in
     group_cap: float = 0.0  # threads that process has in all (0: no per-process limit)
+    stage: str = ""  # what the job is ("encode", "prefill", "decode", ...): picks its slowdown row
 
 
 class SharedDevice:
@@ -39,7 +40,8 @@ class SharedDevice:
     """
 
     def __init__(self, env: simpy.Environment, capacity: float, name: str = "", interference: float = 1.0,
-                 group_efficiency: float = 1.0, capacity_curve: dict[int, float] | None = None) -> None:
+                 group_efficiency: float = 1.0, capacity_curve: dict[int, float] | None = None,
+                 slowdown: dict[str, dict[str, float]] | None = None) -> None:
         if capacity <= 0:
             raise ValueError(f"capacity must be > 0, got {capacity}")
         if not 0 < interference <= 1:
@@ -50,6 +52,9 @@ class SharedDevice:
         self.capacity = float(capacity)
         # {busy threads k: capacity with k busy} (epd.plan.parallel); None: ``capacity`` whatever k
         self.curve = sorted((int(k), float(v)) for k, v in (capacity_curve or {}).items())
+        # {victim stage: {co-runner stage: speed (≤ 1) of the victim while the co-runner runs in
+        # another process}} (epd.plan.parallel.slowdown); missing pairs: 1
+        self.slowdown = slowdown or {}
         self.name = name
         self.jobs: list[_Job] = []
         self.last = env.now
@@ -59,14 +64,14 @@ class SharedDevice:
         env.process(self._loop())
 
     def run(self, work: float, demand: float = 1.0, owner: str = "", group: str = "",
-            group_cap: float = 0.0) -> simpy.Event:
+            group_cap: float = 0.0, stage: str = "") -> simpy.Event:
         """An event that fires when ``work`` seconds of solo work are done under sharing."""
         done = self.env.event()
         if work <= 0:
             done.succeed()
             return done
         self._advance()
-        self.jobs.append(_Job(work, demand, done, owner, group or owner, group_cap))
+        self.jobs.append(_Job(work, demand, done, owner, group or owner, group_cap, stage))
         self.work_s += work
         if not self._changed.triggered:
             self._changed.succeed()
@@ -88,7 +93,15 @@ class SharedDevice:
         host = min(1.0, self.capacity_at(total) / total) if total > 0 else 1.0
         if self.interference < 1.0 and len({j.owner for j in self.jobs}) > 1:
             host *= self.interference
-        return [host * used[j.group] / demand[j.group] for j in self.jobs]
+        return [host * used[j.group] / demand[j.group] * self._slowed(j) for j in self.jobs]
+
+    def _slowed(self, job: _Job) -> float:
+        """``job``'s speed factor from the stages running in other processes: the strongest
+        measured pairwise slowdown among them (1 when none was measured)."""
+        row = self.slowdown.get(job.stage)
+        if not row:
+            return 1.0
+        return min((row.get(j.stage, 1.0) for j in self.jobs if j.group != job.group), default=1.0)
 
     def capacity_at(self, busy: float) -> float:
         """Work per second (in solo units) with ``busy`` threads runnable: the measured curve,

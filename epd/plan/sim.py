@@ -12,7 +12,11 @@ profile's cost models (:mod:`epd.plan.profile`) and stretched by device sharing
   in-flight charges, released at the first token; decode must have free blocks for prompt +
   ``max_tokens``) or round-robin; each image of a request goes to the least-loaded encoder in
   turn (intra-request parallelism, IRP); images whose ``mm_hash`` is published go to their
-  holder (cached route). Every token the stages emit costs the front end ``token_s``;
+  holder (cached route);
+- **front end** — the gateway's asyncio loop and the client's are two serial servers on the
+  host (:meth:`Profile.front`: CPU per request and per MB of image on the way in; per delivery —
+  one decode step's tokens — and per token on the way out). A request is timed from when the
+  client starts sending it; a token when the client's loop reads it;
 - **encoder** (``services/encoder/proc.py``) — its loop drains its inbox (decoding each JPEG,
   answering pool hits at once) then encodes the oldest queued images within
   ``EPD_ENCODER_MAX_IMAGES`` / ``EPD_ENCODER_MAX_PATCHES``; finished features enter its pool
@@ -85,7 +89,8 @@ class Simulator:
             eff = float(prof.device.get("parallel_efficiency", 1.0)) if self.cores > 1 else 1.0
             curve = prof.device.get("parallel_capacity") if self.cores == int(prof.device.get("cores", 0)) else None
             host = SharedDevice(self.env, self.cores * eff, "host", capacity_curve=curve,
-                                group_efficiency=float(prof.device.get("process_colocation_efficiency", 1.0)))
+                                group_efficiency=float(prof.device.get("process_colocation_efficiency", 1.0)),
+                                slowdown=prof.device.get("slowdown"))
             self.devices = {0: host}
             self.front_device = host
         else:
@@ -109,10 +114,9 @@ class Simulator:
         self.reqs = [ReqState(s) for s in workload.requests]
         self.remaining = len(self.reqs)
         self.all_done = self.env.event()
-        self.front_queue: deque = deque()
-        self.front_wake = self.env.event()
-        self.front_busy = 0.0
-        self.env.process(self._front_loop())
+        self.gateway = _Serial(self.env, self.front_device, "gateway")
+        self.client = _Serial(self.env, self.front_device, "client")
+        self.gw_cost, self.client_cost = prof.front("gateway"), prof.front("client")
         self.env.process(self._publisher())
         self.env.process(self._refresher())
         self.concurrency = simpy.Resource(self.env, workload.max_concurrency) if workload.max_concurrency else None
@@ -172,7 +176,7 @@ class Simulator:
             self.env.process(self._later(BLOCKS_GRACE_S, lambda: self.router.release_blocks(req)))
             if req.spec.max_tokens <= 1:
                 self._finish(req)
-        self.after_hop(lambda: self._front(self.prof.host["token_s"], deliver))
+        self.after_hop(lambda: self._out(1, deliver))
 
     def tokens(self, batch: list[ReqState]) -> None:
         def deliver():
@@ -182,7 +186,14 @@ class Simulator:
                 req.token_times.append(self.env.now)
                 if len(req.token_times) >= req.spec.max_tokens:
                     self._finish(req)
-        self.after_hop(lambda: self._front(self.prof.host["token_s"] * len(batch), deliver))
+        self.after_hop(lambda: self._out(len(batch), deliver))
+
+    def _out(self, n: int, deliver) -> None:
+        """``n`` tokens of one decode step through the gateway's loop, then the client's (timed
+        as the client reads them, before it parses them)."""
+        g, c = self.gw_cost, self.client_cost
+        self.gateway.submit(g["delivery_s"] + g["token_s"] * n,
+                            lambda: self.client.submit(c["delivery_s"] + c["token_s"] * n, deliver, first=True))
 
     def fail(self, req: ReqState, status: int, why: str) -> None:
         if req.failed or req.done:
@@ -209,24 +220,6 @@ class Simulator:
         yield self.env.timeout(delay)
         fn()
 
-    # -- front end (gateway + client: one serial server) ------------------------------------
-    def _front(self, work: float, then) -> None:
-        self.front_queue.append((work, then))
-        if not self.front_wake.triggered:
-            self.front_wake.succeed()
-
-    def _front_loop(self):
-        while True:
-            if not self.front_queue:
-                yield self.front_wake
-                self.front_wake = self.env.event()
-                continue
-            work, then = self.front_queue.popleft()
-            t0 = self.env.now
-            yield self.front_device.run(work, 1.0)
-            self.front_busy += self.env.now - t0
-            then()
-
     def _publisher(self):
         while True:
             for inst in self.instances:
@@ -247,8 +240,10 @@ class Simulator:
             req.slot = slot
         req.sent = self.env.now
         mb = sum(im.jpeg_bytes for im in req.spec.images) / 1e6
-        host = self.prof.host
-        self._front(host["request_s"] + host["request_mbyte_s"] * mb, lambda: self._admit(req))
+        g, c = self.gw_cost, self.client_cost
+        self.client.submit(c["request_s"] + c["request_mbyte_s"] * mb,
+                           lambda: self.gateway.submit(g["request_s"] + g["request_mbyte_s"] * mb,
+                                                       lambda: self._admit(req)))
 
     def _admit(self, req: ReqState) -> None:
         assign = self.router.plan(req)
@@ -286,7 +281,8 @@ class Simulator:
     def stats(self, end: float) -> dict:
         end = max(end, 1e-9)
         out = {"instances": {}, "feature_cache_hits": sum(e.hits for e in self.encoders),
-               "preempted": sum(d.preempted for d in self.decodes), "front_busy": self.front_busy / end}
+               "preempted": sum(d.preempted for d in self.decodes), "front_busy": self.gateway.busy_s / end,
+               "client_busy": self.client.busy_s / end}
         for inst in self.instances:
             row = {"busy": inst.busy_s / end, "work_s": inst.work_s, "steps": inst.steps, "threads": inst.threads}
             if isinstance(inst, DecodeSim):
@@ -296,6 +292,39 @@ class Simulator:
                 row["mean_batch"] = inst.items / inst.steps
             out["instances"][inst.name] = row
         return out
+
+
+class _Serial:
+    """One single-threaded loop (the gateway's or the client's asyncio loop) on ``device``: jobs
+    run one at a time in arrival order, each ``work`` CPU seconds stretched by device sharing."""
+
+    def __init__(self, env: simpy.Environment, device: SharedDevice, name: str) -> None:
+        self.env, self.device, self.name = env, device, name
+        self.queue: deque = deque()
+        self.wake = env.event()
+        self.busy_s = 0.0
+        env.process(self._loop())
+
+    def submit(self, work: float, then, first: bool = False) -> None:
+        """Queue ``work``; call ``then()`` when it is done (``first``: when it starts)."""
+        self.queue.append((work, then, first))
+        if not self.wake.triggered:
+            self.wake.succeed()
+
+    def _loop(self):
+        while True:
+            if not self.queue:
+                yield self.wake
+                self.wake = self.env.event()
+                continue
+            work, then, first = self.queue.popleft()
+            if first:
+                then()
+            t0 = self.env.now
+            yield self.device.run(work, 1.0, self.name, stage="front")
+            self.busy_s += self.env.now - t0
+            if not first:
+                then()
 
 
 def simulate(prof: Profile, dep: Deployment, workload: SimWorkload, rate: float | None = None) -> SimResult:

@@ -77,11 +77,12 @@ class Instance:
         yield self._wake
         self._wake = self.env.event()
 
-    def run(self, stage: str, x: dict[str, float]):
-        """One unit of ``stage`` work on this instance's device (a SimPy event)."""
-        work = self.sim.prof.cost(stage, self.threads, x)
+    def run(self, stage: str, x: dict[str, float], extra_s: float = 0.0):
+        """One unit of ``stage`` work on this instance's device (a SimPy event); ``extra_s``: work
+        of the service loop around it."""
+        work = self.sim.prof.cost(stage, self.threads, x) + extra_s
         self.work_s += work
-        return self.device.run(work, self.threads, self.name, self.process, self.process_cap)
+        return self.device.run(work, self.threads, self.name, self.process, self.process_cap, stage)
 
     def publish(self) -> None:
         self.published = self.load()
@@ -321,7 +322,8 @@ class DecodeSim(Instance):
                 yield from self.idle()
                 continue
             t0 = self.env.now
-            yield self.run("decode", decode_x(len(batch), max(d.past_len + 1 for d in batch)))
+            yield self.run("decode", decode_x(len(batch), max(d.past_len + 1 for d in batch)),
+                           sim.prof.decode_overhead_s(len(batch)))
             self.busy_s += self.env.now - t0
             self.steps += 1
             self.batch_sum += len(batch)

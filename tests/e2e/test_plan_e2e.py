@@ -30,6 +30,15 @@ def test_profile_then_plan_on_the_tiny_model(tiny_model, tmp_path):
         assert all(v >= 0 for v in model.coef.values())
     assert prof.transfer.samples and prof.host["hop_s"] > 0 and prof.host["token_s"] > 0
     assert prof.model["num_layers"] > 0 and prof.model["template_tokens"] > 0
+    # the front end was measured on a running deployment: the gateway and the client cost CPU per token
+    for who in ("gateway", "client"):
+        costs = prof.front(who)
+        assert costs["request_s"] + costs["request_mbyte_s"] > 0 and costs["delivery_s"] + costs["token_s"] > 0, who
+    # one-thread profile: a single core's worth, so no pairwise slowdown is measured unless the host has 2+ cores
+    slow = raw["device"].get("slowdown")
+    if slow is not None:
+        assert set(slow) == {"encode", "prefill", "decode"}
+        assert all(0 < v <= 1 for row in slow.values() for v in row.values())
 
     sim = subprocess.run(
         [sys.executable, "-m", "epd.cli", "plan", "--profile", str(out), "--topology", "E-P-D",

@@ -1,0 +1,206 @@
+"""What the front end really costs on this host: the gateway process and the benchmark client.
+
+The synthetic probe of :func:`epd.plan.probes.measure_host` times the pieces of the token path
+(a ZeroMQ hop, detokenization, a JSON chunk) in isolation; the real path also runs aiohttp's
+request and SSE handling, the asyncio loops, message signing and the client's own parsing, and
+measured ~6× more per token here (≈ 0.3 ms of gateway and 0.13 ms of client CPU per token on
+the tiny preset, against 76 µs). :func:`measure_front_end` therefore starts the profiled model
+as a real ``epd up --topology E-P-D`` deployment (a private Redis, the launcher's core split),
+drives it with ``epd bench serve``'s own client in this process, and reads CPU time:
+
+- the gateway's from ``/proc/PID/task/*/schedstat`` (nanoseconds on a CPU, all its threads),
+  less its idle rate measured before;
+- the client's as this thread's CPU time (``time.thread_time``: the client's asyncio loop runs
+  here).
+
+Four short workloads separate the costs: text requests of one output token (per request), text
+requests of many output tokens one at a time and four at a time (per decode step that delivers
+tokens — a wake-up of each loop — and per token), and requests with one distinct 448² JPEG and
+one output token (per MB of image). Costs are CPU seconds; the simulator runs the gateway and the
+client as two serial servers on the host (:class:`epd.plan.sim.Simulator`).
+
+The two many-token workloads also give the decode loop's cost beyond its forward: their median
+inter-token latency is one decode step of the service at batch 1 and at batch 4, and what it
+exceeds the profiled step by (:func:`decode_overhead`) is the loop's receiving, per-token
+emission (a signed ``TokenDelta`` each) and scheduling — measured here: ≈ 0.4 ms per step plus
+0.1 ms per token on the tiny preset, a fifth of a batch-1 step, which the engine-only profile
+does not see.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import time
+from pathlib import Path
+
+# (requests, output tokens, max concurrency) of each workload
+TEXT_ONE = (40, 1, 2)
+TEXT_SERIAL = (4, 128, 1)
+TEXT_MANY = (8, 128, 4)
+IMAGE_ONE = (16, 1, 2)
+IMAGE_SIZE = (448, 448)
+PROMPT_TOKENS = 12  # about what "request N: say something about the weather" tokenizes to
+
+
+def _children(pid: int) -> list[int]:
+    """Every descendant of ``pid`` (from ``/proc/*/stat``)."""
+    parent: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                parent[int(entry)] = int(fields[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        kids = [c for c, pp in parent.items() if pp == p]
+        out += kids
+        todo += kids
+    return out
+
+
+def _find_gateway(root: int) -> int:
+    """The pid of the ``services.gateway`` process under ``root``.
+
+    Raises:
+        RuntimeError: none found.
+    """
+    for pid in _children(root):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if b"services.gateway" in f.read():
+                    return pid
+        except OSError:
+            continue
+    raise RuntimeError("front-end probe: no services.gateway process under epd up")
+
+
+def cpu_s(pid: int) -> float:
+    """CPU seconds ``pid`` has run, all its threads (``/proc/PID/task/*/schedstat``, ns)."""
+    total = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                total += int(f.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            continue
+    return total / 1e9
+
+
+def _requests(kind: tuple[int, int, int], images: bool, seed: int) -> list:
+    from epd.bench.workloads import BenchRequest, jpeg_data_url, make_image
+
+    n, tokens, _ = kind
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        urls, sizes = [], []
+        if images:
+            url, _ = jpeg_data_url(make_image(rng, *IMAGE_SIZE, 1000 + i))
+            urls, sizes = [url], [IMAGE_SIZE]
+        out.append(BenchRequest(prompt=f"request {i}: say something about the weather", images=urls,
+                                max_tokens=tokens, image_sizes=sizes))
+    return out
+
+
+def _run(url: str, model: str, reqs: list, concurrency: int, gw: int) -> dict:
+    """One workload: ``{"gateway_s", "client_s", "wall_s", "requests", "tokens", "mbytes"}``."""
+    from epd.bench.client import RunConfig, run_requests
+
+    cfg = RunConfig(base_url=url, model=model, max_concurrency=concurrency, ignore_eos=True, progress=False,
+                    timeout_s=120.0)
+    g0, c0, t0 = cpu_s(gw), time.thread_time(), time.perf_counter()
+    run = asyncio.run(run_requests(cfg, reqs))
+    g1, c1, t1 = cpu_s(gw), time.thread_time(), time.perf_counter()
+    bad = [r.error for r in run.records if not r.success]
+    if bad:
+        raise RuntimeError(f"front-end probe: {len(bad)} request(s) failed, e.g. {bad[0]}")
+    mbytes = sum(len(u) * 3 / 4 for r in reqs for u in r.images) / 1e6
+    itl = sorted(g for r in run.records for g in r.itl)
+    return {"gateway_s": g1 - g0, "client_s": c1 - c0, "wall_s": t1 - t0, "requests": len(reqs),
+            "tokens": sum(r.output_tokens for r in run.records), "mbytes": mbytes,
+            "itl_median_s": itl[len(itl) // 2] if itl else 0.0, "concurrency": concurrency}
+
+
+def solve(runs: dict[str, dict], idle_rate: float) -> dict[str, dict[str, float]]:
+    """Per-request, per-delivery, per-token and per-MB CPU seconds of the gateway and the client
+    from the workloads' totals (``_run``'s dicts under ``text_one``, ``text_serial``,
+    ``text_many``, ``image_one``); the gateway's idle rate (CPU s per s) is taken off its totals.
+    A *delivery* is one decode step's tokens reaching the loop together: one at a time in
+    ``text_serial``, about ``TEXT_MANY[2]`` in ``text_many``. Every cost is ≥ 0."""
+    out: dict[str, dict[str, float]] = {}
+    one, serial, many, image = runs["text_one"], runs["text_serial"], runs["text_many"], runs["image_one"]
+    for who, idle in (("gateway", idle_rate), ("client", 0.0)):
+        def busy(w, who=who, idle=idle):
+            return max(0.0, w[f"{who}_s"] - idle * w["wall_s"])
+        per_req = busy(one) / one["requests"]  # one token each: request + one delivery of one token
+        # after the first token: serial = n1·(step + token), many = n2·token + n2/c·step
+        n1 = serial["tokens"] - serial["requests"]
+        n2 = many["tokens"] - many["requests"]
+        c1 = max(0.0, busy(serial) - per_req * serial["requests"]) / max(1, n1)  # step + token
+        c2 = max(0.0, busy(many) - per_req * many["requests"]) / max(1, n2)  # token + step / c
+        k = TEXT_MANY[2]
+        step = max(0.0, (c1 - c2) * k / (k - 1))
+        token = max(0.0, c1 - step)
+        request = max(0.0, per_req - step - token)
+        rest = busy(image) - image["requests"] * (request + step + token)
+        mbyte = max(0.0, rest / image["mbytes"]) if image["mbytes"] else 0.0
+        out[who] = {"request_s": request, "request_mbyte_s": mbyte, "delivery_s": step, "token_s": token}
+    return out
+
+
+def decode_overhead(prof, runs: dict[str, dict], threads: int) -> dict[str, float]:
+    """``{"step_s", "token_s"}``: seconds a service decode step takes beyond ``prof``'s decode
+    cost, per step and per request in the batch, from the median inter-token latency of
+    ``text_serial`` (batch 1) and ``text_many`` (batch ``TEXT_MANY[2]``) at the context those
+    requests had half-way (template + prompt + half the output). Both ≥ 0."""
+    from epd.plan.profile import decode_x
+
+    over = []
+    for name, batch in (("text_serial", 1), ("text_many", TEXT_MANY[2])):
+        run = runs[name]
+        out = run["tokens"] / max(1, run["requests"])
+        ctx = int(prof.model.get("template_tokens", 0) + PROMPT_TOKENS + out / 2)
+        over.append(max(0.0, run["itl_median_s"] - prof.cost("decode", threads, decode_x(batch, ctx))))
+    token = max(0.0, (over[1] - over[0]) / (TEXT_MANY[2] - 1))
+    return {"step_s": max(0.0, over[0] - token), "token_s": token}
+
+
+def measure_front_end(model_dir: Path, dtype: str, seed: int = 0, log_dir: Path | None = None) -> dict:
+    """Start ``epd up --topology E-P-D`` on ``model_dir`` and measure the front end's CPU costs.
+
+    Returns:
+        ``{"gateway": {"request_s", "request_mbyte_s", "delivery_s", "token_s"}, "client": {same},
+        "front_end_runs": {workload: its totals}, "gateway_idle_cpu": CPU s per s}``; seconds of
+        CPU per request, per MB of JPEG, per delivery (a decode step's tokens) and per token.
+
+    Raises:
+        EndpointError: the deployment did not start (its log is named); RuntimeError: a probe
+        request failed.
+    """
+    import tempfile
+
+    from epd.bench.compare import start_ours
+
+    with tempfile.TemporaryDirectory(prefix="epd-frontend-") as tmp:
+        run = start_ours(f"E-P-D@{dtype}", model_dir, Path(log_dir or tmp), 240.0)
+        try:
+            gw = _find_gateway(run.proc.pid)
+            model = str(model_dir)
+            runs = {"warm-up": _run(run.url, model, _requests((4, 4, 2), True, seed + 1), 2, gw)}
+            g0, t0 = cpu_s(gw), time.perf_counter()
+            time.sleep(1.5)
+            idle = (cpu_s(gw) - g0) / (time.perf_counter() - t0)
+            runs["text_one"] = _run(run.url, model, _requests(TEXT_ONE, False, seed), TEXT_ONE[2], gw)
+            runs["text_serial"] = _run(run.url, model, _requests(TEXT_SERIAL, False, seed), TEXT_SERIAL[2], gw)
+            runs["text_many"] = _run(run.url, model, _requests(TEXT_MANY, False, seed), TEXT_MANY[2], gw)
+            runs["image_one"] = _run(run.url, model, _requests(IMAGE_ONE, True, seed), IMAGE_ONE[2], gw)
+        finally:
+            run.stop()
+    costs = solve(runs, idle)
+    return {**costs, "front_end_runs": runs, "gateway_idle_cpu": idle}

@@ -1,0 +1,157 @@
+"""The simulator's host model: pairwise stage slowdowns, the measured front end (gateway and
+client as two serial loops) and the decode loop's overhead — how ``epd profile`` derives them
+from its measurements and how the simulator applies them."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import simpy
+
+from epd.bench.metrics import compute_metrics
+from epd.plan import frontend
+from epd.plan.deployment import Deployment
+from epd.plan.parallel import STAGES, slowdown_rounds, slowdown_table
+from epd.plan.profile import Profile, ProfileError, decode_x
+from epd.plan.shared import SharedDevice
+from epd.plan.sim import simulate
+from tests.unit.test_plan import _raw, _workload
+
+
+def test_a_pairwise_slowdown_slows_the_victim_only_while_the_other_stage_runs():
+    env = simpy.Environment()
+    host = SharedDevice(env, 2.0, slowdown={"decode": {"encode": 0.5}})
+    ends = {}
+
+    def job(name, stage, work, group):
+        yield host.run(work, 1.0, owner=name, group=group, stage=stage)
+        ends[name] = env.now
+
+    env.process(job("decode", "decode", 1.0, "d"))
+    env.process(job("encode", "encode", 1.0, "e"))
+    env.run()
+    # half speed for the first second (0.5 done), full speed after the encode ended
+    assert ends == {"encode": pytest.approx(1.0), "decode": pytest.approx(1.5)}
+
+    env2 = simpy.Environment()
+    same = SharedDevice(env2, 2.0, slowdown={"decode": {"encode": 0.5}})
+    out = {}
+
+    def job2(name, stage):
+        yield same.run(1.0, 1.0, owner=name, group="one-process", group_cap=2.0, stage=stage)
+        out[name] = env2.now
+
+    env2.process(job2("decode", "decode"))
+    env2.process(job2("encode", "encode"))
+    env2.run()
+    assert out["decode"] == pytest.approx(1.0)  # roles of one process: its threads, not a co-runner
+
+
+def test_slowdown_table_compares_each_pair_with_its_own_workers_solo_rounds():
+    rounds = slowdown_rounds()
+    assert len(rounds) == 5 * 3 and {r for r in rounds if "" not in r} == {
+        ("encode", "prefill"), ("encode", "decode"), ("prefill", "decode")}
+    speed = {"encode": 10.0, "prefill": 100.0, "decode": 200.0}
+    beside = {("decode", "encode"): 0.8, ("encode", "decode"): 0.9}
+    measured = []
+    for i, units in enumerate(rounds):
+        drift = 1.0 + 0.01 * i  # the host speeds up over the run; brackets cancel it
+        rates = []
+        for w, stage in enumerate(units):
+            if not stage:
+                rates.append(0.0)
+                continue
+            other = units[1 - w]
+            rates.append(speed[stage] * drift * (beside.get((stage, other), 1.0) if other else 1.0))
+        measured.append((units, rates))
+    table = slowdown_table(measured)["slowdown"]
+    assert set(table) == set(STAGES)
+    assert table["decode"]["encode"] == pytest.approx(0.8, abs=0.003)
+    assert table["encode"]["decode"] == pytest.approx(0.9, abs=0.003)
+    assert table["prefill"]["encode"] == pytest.approx(1.0, abs=0.003)
+
+
+def _run(requests, tokens, gateway_s, client_s, wall_s=1.0, mbytes=0.0, itl=0.0, c=1):
+    return {"requests": requests, "tokens": tokens, "gateway_s": gateway_s, "client_s": client_s,
+            "wall_s": wall_s, "mbytes": mbytes, "itl_median_s": itl, "concurrency": c}
+
+
+def test_front_end_costs_are_solved_from_the_four_workloads():
+    req, mb, step, tok = 2e-3, 20e-3, 200e-6, 100e-6
+    k = frontend.TEXT_MANY[2]
+
+    def cpu(n, tokens, mbytes=0.0, batch=1):
+        # n requests of one first token each, then (tokens - n) more in deliveries of ``batch``
+        first = n * (req + step + tok + mb * mbytes / max(n, 1))
+        rest = tokens - n
+        return first + rest * tok + rest / batch * step
+
+    runs = {"text_one": _run(40, 40, cpu(40, 40), cpu(40, 40) / 2),
+            "text_serial": _run(4, 512, cpu(4, 512), cpu(4, 512) / 2),
+            "text_many": _run(8, 1024, cpu(8, 1024, batch=k), cpu(8, 1024, batch=k) / 2),
+            "image_one": _run(16, 16, cpu(16, 16, 0.8), cpu(16, 16, 0.8) / 2, mbytes=0.8)}
+    idle = 0.01  # CPU s per s the gateway spends idle: taken off its totals
+    for run in runs.values():
+        run["gateway_s"] += idle * run["wall_s"]
+    got = frontend.solve(runs, idle)
+    assert got["gateway"] == pytest.approx({"request_s": req, "request_mbyte_s": mb, "delivery_s": step,
+                                            "token_s": tok}, rel=1e-6)
+    assert got["client"] == pytest.approx({"request_s": req / 2, "request_mbyte_s": mb / 2, "delivery_s": step / 2,
+                                           "token_s": tok / 2}, rel=1e-6)
+    # nothing measured is never a negative cost
+    zero = frontend.solve({n: _run(r["requests"], r["tokens"], 0.0, 0.0, mbytes=r["mbytes"])
+                           for n, r in runs.items()}, idle)
+    assert all(v == 0.0 for who in zero.values() for v in who.values())
+
+
+def test_decode_overhead_is_what_the_services_inter_token_latency_exceeds_the_profiled_step_by():
+    prof = Profile.from_json(_raw(), "p")
+    step, tok, k = 4e-4, 1e-4, frontend.TEXT_MANY[2]
+    runs = {}
+    for name, batch, n in (("text_serial", 1, 4), ("text_many", k, 8)):
+        ctx = int(prof.model["template_tokens"] + frontend.PROMPT_TOKENS + 128 / 2)
+        runs[name] = _run(n, n * 128, 0, 0, itl=prof.cost("decode", 1, decode_x(batch, ctx)) + step + tok * batch)
+    got = frontend.decode_overhead(prof, runs, 1)
+    assert got == pytest.approx({"step_s": step, "token_s": tok}, rel=1e-6)
+
+
+def _measured(prof_raw):
+    raw = copy.deepcopy(prof_raw)
+    raw["host"]["gateway"] = {"request_s": 2e-3, "request_mbyte_s": 0.02, "delivery_s": 3e-4, "token_s": 1e-4}
+    raw["host"]["client"] = {"request_s": 1e-3, "request_mbyte_s": 0.005, "delivery_s": 1e-4, "token_s": 5e-5}
+    raw["host"]["decode"] = {"step_s": 1e-3, "token_s": 2e-4}
+    return raw
+
+
+def test_profile_front_end_fields_round_trip_validate_and_default(tmp_path):
+    legacy = Profile.from_json(_raw(), "p")
+    assert legacy.front("client") == dict.fromkeys(("request_s", "request_mbyte_s", "delivery_s", "token_s"), 0.0)
+    assert legacy.front("gateway")["token_s"] == legacy.host["token_s"] and legacy.decode_overhead_s(4) == 0.0
+    prof = Profile.from_json(_measured(_raw()), "p")
+    again = Profile.load(prof.save(tmp_path / "p.json"))
+    assert again.front("gateway") == prof.front("gateway") and again.front("client")["token_s"] == 5e-5
+    assert again.decode_overhead_s(4) == pytest.approx(1e-3 + 4 * 2e-4)
+    scaled = prof.scaled({"host": 0.5}, "test")
+    assert scaled.front("client")["request_s"] == pytest.approx(5e-4)
+    for who, key in (("gateway", "token_s"), ("client", "request_s"), ("decode", "step_s")):
+        bad = _measured(_raw())
+        bad["host"][who][key] = -1.0
+        with pytest.raises(ProfileError, match=rf"host\.{who}\.{key}"):
+            Profile.from_json(bad, "p.json")
+
+
+def test_measured_front_end_and_decode_overhead_lengthen_ttft_and_tpot():
+    base = Profile.from_json(_raw(), "p")
+    measured = Profile.from_json(_measured(_raw()), "p")
+    wl = _workload(base, n=6, images=1, max_tokens=32, rate=0.5)
+    out = {}
+    for name, prof in (("base", base), ("measured", measured)):
+        res = simulate(prof, Deployment("E-P-D"), wl)
+        out[name] = (compute_metrics(res.records, res.duration_s, {}), res.stats)
+    b, m = out["base"][0], out["measured"][0]
+    # a lone request: the decode step grows by step_s + token_s (1.2 ms) plus the front end's per-token work
+    assert m["median_tpot_ms"] - b["median_tpot_ms"] == pytest.approx(1.2, abs=0.3)
+    # the client's and the gateway's request work (≈ 3 ms + 25 ms/MB × 0.05 MB) come before any stage
+    assert m["median_ttft_ms"] > b["median_ttft_ms"] + 2.5
+    assert out["measured"][1]["client_busy"] > 0 and out["base"][1]["client_busy"] == 0
