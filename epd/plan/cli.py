@@ -131,10 +131,12 @@ def summary(prof) -> str:
             lines.append(f"  {who} (measured on epd up): request {1e3 * f['request_s']:.2f} ms + "
                          f"{1e3 * f['request_mbyte_s']:.1f} ms/MB, delivery {1e6 * f['delivery_s']:.0f} µs + "
                          f"token {1e6 * f['token_s']:.0f} µs")
-    if "decode" in prof.host:
-        d = prof.host["decode"]
-        lines.append(f"  decode loop beyond the step (measured on epd up): {1e6 * d['step_s']:.0f} µs per step + "
-                     f"{1e6 * d['token_s']:.0f} µs per request")
+    if "service" in prof.host:
+        d = prof.host["service"]
+        lines.append(f"  services beyond their forwards (measured on epd up): decode {1e6 * d['decode_step_s']:.0f} µs "
+                     f"per step + {1e6 * d['decode_token_s']:.0f} µs per request, prefill "
+                     f"{1e3 * d['prefill_request_s']:.2f} ms per request, encode {1e3 * d['encode_image_s']:.2f} ms "
+                     "per image")
     slow = prof.device.get("slowdown")
     if slow:
         lines.append("  beside another stage: " + ", ".join(

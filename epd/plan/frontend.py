@@ -19,12 +19,13 @@ tokens — a wake-up of each loop — and per token), and requests with one dist
 one output token (per MB of image). Costs are CPU seconds; the simulator runs the gateway and the
 client as two serial servers on the host (:class:`epd.plan.sim.Simulator`).
 
-The two many-token workloads also give the decode loop's cost beyond its forward: their median
-inter-token latency is one decode step of the service at batch 1 and at batch 4, and what it
-exceeds the profiled step by (:func:`decode_overhead`) is the loop's receiving, per-token
-emission (a signed ``TokenDelta`` each) and scheduling — measured here: ≈ 0.4 ms per step plus
-0.1 ms per token on the tiny preset, a fifth of a batch-1 step, which the engine-only profile
-does not see.
+The same runs give the services' cost beyond their forwards (:func:`service_overheads`): the
+many-token workloads' median inter-token latency is one service decode step at batch 1 and at
+batch 4, and what it exceeds the profiled step by is the loop's receiving, per-token emission (a
+signed ``TokenDelta`` each) and scheduling; the one-token workloads' median TTFT, less what the
+simulator predicts for them, is the prefill's per-request and the encoder's per-image overhead.
+The engine-only profile does not see these (measured here on the tiny preset: about half a
+millisecond to a millisecond per decode step, a fifth to a half of a batch-1 step).
 """
 
 from __future__ import annotations
@@ -122,9 +123,11 @@ def _run(url: str, model: str, reqs: list, concurrency: int, gw: int) -> dict:
         raise RuntimeError(f"front-end probe: {len(bad)} request(s) failed, e.g. {bad[0]}")
     mbytes = sum(len(u) * 3 / 4 for r in reqs for u in r.images) / 1e6
     itl = sorted(g for r in run.records for g in r.itl)
+    ttft = sorted(r.ttft for r in run.records)
     return {"gateway_s": g1 - g0, "client_s": c1 - c0, "wall_s": t1 - t0, "requests": len(reqs),
             "tokens": sum(r.output_tokens for r in run.records), "mbytes": mbytes,
-            "itl_median_s": itl[len(itl) // 2] if itl else 0.0, "concurrency": concurrency}
+            "itl_median_s": itl[len(itl) // 2] if itl else 0.0, "ttft_median_s": ttft[len(ttft) // 2],
+            "concurrency": concurrency}
 
 
 def solve(runs: dict[str, dict], idle_rate: float) -> dict[str, dict[str, float]]:
@@ -154,12 +157,42 @@ def solve(runs: dict[str, dict], idle_rate: float) -> dict[str, dict[str, float]
     return out
 
 
-def decode_overhead(prof, runs: dict[str, dict], threads: int) -> dict[str, float]:
-    """``{"step_s", "token_s"}``: seconds a service decode step takes beyond ``prof``'s decode
-    cost, per step and per request in the batch, from the median inter-token latency of
-    ``text_serial`` (batch 1) and ``text_many`` (batch ``TEXT_MANY[2]``) at the context those
-    requests had half-way (template + prompt + half the output). Both ≥ 0."""
+def _probe_workload(prof, kind: tuple[int, int, int], run: dict, images: bool):
+    """The simulator's copy of one probe workload (all sent at once, ``kind``'s concurrency)."""
+    from epd.plan.workload import SimImage, SimRequest, SimWorkload
+
+    n, tokens, conc = kind
+    ims = ()
+    if images:
+        img_tokens, patches = prof.image_tokens(*IMAGE_SIZE)
+        jpeg = int(run["mbytes"] * 1e6 / max(1, run["requests"]))
+        ims = (SimImage(img_tokens, patches, IMAGE_SIZE[0] * IMAGE_SIZE[1], jpeg, ""),)
+    prompt = int(prof.model.get("template_tokens", 0)) + PROMPT_TOKENS + sum(
+        im.tokens + int(prof.model.get("image_wrap_tokens", 0)) for im in ims)
+    reqs = [SimRequest(i, PROMPT_TOKENS, prompt, tokens,
+                       tuple(SimImage(im.tokens, im.patches, im.src_pixels, im.jpeg_bytes, f"probe-{i}")
+                             for im in ims)) for i in range(n)]
+    return SimWorkload(reqs, "front-end probe", float("inf"), 1.0, 0, conc)
+
+
+def service_overheads(prof, runs: dict[str, dict], threads: int) -> dict[str, float]:
+    """What the services spend beyond the engine's work, from the probe's runs on ``epd up``:
+
+    - ``decode_step_s`` + ``decode_token_s`` × batch: the median inter-token latency of
+      ``text_serial`` (batch 1) and ``text_many`` (batch ``TEXT_MANY[2]``) less ``prof``'s decode
+      step at the context those requests had half-way (``threads``: the decode process's);
+    - ``prefill_request_s``: the median TTFT of ``text_one`` less the simulator's for the same
+      requests (front end, hops, prefill forward — everything the model knows);
+    - ``encode_image_s``: the same for ``image_one``, after ``prefill_request_s``.
+
+    Each is the receiving, dispatching, bookkeeping and sending around a forward that the
+    engine-only profile does not see. All ≥ 0.
+    """
+    from dataclasses import replace
+
+    from epd.plan.deployment import Deployment
     from epd.plan.profile import decode_x
+    from epd.plan.sim import simulate
 
     over = []
     for name, batch in (("text_serial", 1), ("text_many", TEXT_MANY[2])):
@@ -168,7 +201,25 @@ def decode_overhead(prof, runs: dict[str, dict], threads: int) -> dict[str, floa
         ctx = int(prof.model.get("template_tokens", 0) + PROMPT_TOKENS + out / 2)
         over.append(max(0.0, run["itl_median_s"] - prof.cost("decode", threads, decode_x(batch, ctx))))
     token = max(0.0, (over[1] - over[0]) / (TEXT_MANY[2] - 1))
-    return {"step_s": max(0.0, over[0] - token), "token_s": token}
+    got = {"decode_step_s": max(0.0, over[0] - token), "decode_token_s": token, "prefill_request_s": 0.0,
+           "encode_image_s": 0.0}
+
+    from scipy.optimize import brentq
+
+    def sim_ttft(kind, name, images, key, value):
+        trial = replace(prof, host={**prof.host, "service": {**got, key: value}})
+        res = simulate(trial, Deployment("E-P-D"), _probe_workload(prof, kind, runs[name], images))
+        ttft = sorted(r.ttft for r in res.records if r.success)
+        return ttft[len(ttft) // 2]
+
+    # the overhead that makes the simulated median TTFT the measured one (queueing at the probe's
+    # concurrency makes it more than the plain difference)
+    for key, kind, name, images in (("prefill_request_s", TEXT_ONE, "text_one", False),
+                                    ("encode_image_s", IMAGE_ONE, "image_one", True)):
+        want = runs[name]["ttft_median_s"]
+        gap = lambda x, a=(kind, name, images, key), w=want: sim_ttft(*a, x) - w  # noqa: E731
+        got[key] = 0.0 if gap(0.0) >= 0 else brentq(gap, 0.0, want, xtol=1e-5)
+    return got
 
 
 def measure_front_end(model_dir: Path, dtype: str, seed: int = 0, log_dir: Path | None = None) -> dict:

@@ -37,8 +37,8 @@ Schema (``"schema": "epd-profile/1"``)::
      "host": {"request_s", "request_mbyte_s", "token_s", "hop_s", "jpeg_bytes_per_pixel",
      optional "gateway" and "client": {"request_s", "request_mbyte_s", "delivery_s", "token_s"}
      (measured on a running deployment, epd.plan.frontend; without them the first three keys are
-     the gateway's costs and the client costs nothing), optional "decode": {"step_s", "token_s"}
-     (the service's decode loop beyond the engine step, per step and per running request)},
+     the gateway's costs and the client costs nothing), optional "service": {SERVICE_KEYS} (what
+     the services spend beyond the engine's forwards, epd.plan.frontend.service_overheads)},
      "scale": null | {"source", "factors", "note"}}
 """
 
@@ -65,6 +65,7 @@ STAGES = ("encode", "image_decode", "prefill", "decode")
 HOST_KEYS = ("request_s", "request_mbyte_s", "token_s", "hop_s", "jpeg_bytes_per_pixel")
 FRONT_KEYS = ("request_s", "request_mbyte_s", "delivery_s", "token_s")  # host.gateway, host.client
 FRONT_ENDS = ("gateway", "client")
+SERVICE_KEYS = ("decode_step_s", "decode_token_s", "prefill_request_s", "encode_image_s")  # host.service
 
 
 class ProfileError(ValueError):
@@ -227,11 +228,16 @@ class Profile:
                     "token_s": h["token_s"]}
         return dict.fromkeys(FRONT_KEYS, 0.0)
 
-    def decode_overhead_s(self, batch: int) -> float:
-        """Seconds a service decode step of ``batch`` requests spends beyond :meth:`cost`'s
-        engine step (``host.decode``; 0 for profiles without it)."""
-        d = self.host.get("decode")
-        return d["step_s"] + d["token_s"] * batch if d else 0.0
+    def overhead_s(self, stage: str, n: int) -> float:
+        """Seconds a service spends beyond :meth:`cost`'s forward on one ``stage`` step of ``n``
+        items (decode: requests in the batch; prefill: requests; encode: images) —
+        ``host.service``; 0 for profiles without it."""
+        d = self.host.get("service")
+        if not d:
+            return 0.0
+        if stage == "decode":
+            return d["decode_step_s"] + d["decode_token_s"] * n
+        return {"prefill": d["prefill_request_s"], "encode": d["encode_image_s"]}.get(stage, 0.0) * n
 
     def transfer_s(self, nbytes: float) -> float:
         """Seconds of one transfer of ``nbytes`` on the profiled backend."""
@@ -323,13 +329,13 @@ class Profile:
                 if not math.isfinite(val) or val < 0:
                     raise ProfileError(f"{where}: field host.{who}.{key} must be a finite number ≥ 0")
             fronts[who] = {k: float(part[k]) for k in FRONT_KEYS}
-        if "decode" in host:
-            part = need(host, "decode", dict, "host.")
-            for key in ("step_s", "token_s"):
-                val = need(part, key, (int, float), "host.decode.")
+        if "service" in host:
+            part = need(host, "service", dict, "host.")
+            for key in SERVICE_KEYS:
+                val = need(part, key, (int, float), "host.service.")
                 if not math.isfinite(val) or val < 0:
-                    raise ProfileError(f"{where}: field host.decode.{key} must be a finite number ≥ 0")
-            fronts["decode"] = {k: float(part[k]) for k in ("step_s", "token_s")}
+                    raise ProfileError(f"{where}: field host.service.{key} must be a finite number ≥ 0")
+            fronts["service"] = {k: float(part[k]) for k in SERVICE_KEYS}
         dtype_bytes = need(raw, "dtype_bytes", int, "")
         return cls(device=device, model=model, dtype=need(raw, "dtype", str, ""), dtype_bytes=dtype_bytes,
                    threads=sorted(threads), transfer_backend=str(raw.get("transfer_backend", "")), stages=stages,

@@ -347,10 +347,10 @@ class Profiler:
             transfer=CostModel.fitted("transfer", self.transfer_samples), host=self.host, seed=self.seed,
             created=datetime.now().isoformat(timespec="seconds"),
         )
-        if hasattr(self, "front_end_runs"):  # the decode loop's overhead, against the fitted step
+        if hasattr(self, "front_end_runs"):  # the services' overheads, against the fitted costs
             from epd.cores import split_cores
-            from epd.plan.frontend import decode_overhead
+            from epd.plan.frontend import service_overheads
 
             threads = prof.nearest_threads(split_cores([("encoder",), ("prefill",), ("decode",)], usable_cores())[2])
-            prof.host["decode"] = decode_overhead(prof, self.front_end_runs["runs"], threads)
+            prof.host["service"] = service_overheads(prof, self.front_end_runs["runs"], threads)
         return prof

@@ -145,7 +145,7 @@ class EncoderSim(Instance):
                 continue
             t0 = self.env.now
             yield self.run("encode", encode_x([(r.spec.images[i].patches, r.spec.images[i].src_pixels)
-                                               for r, i in batch]))
+                                               for r, i in batch]), sim.prof.overhead_s("encode", len(batch)))
             self.busy_s += self.env.now - t0
             self.steps += 1
             self.items += len(batch)
@@ -214,10 +214,12 @@ class PrefillSim(Instance):
             if self.coupled:  # encode every image of the batch first, in the same engine step
                 images = [im for r in batch for im in r.spec.images]
                 if images:
-                    yield self.run("encode", encode_x([(im.patches, im.src_pixels) for im in images]))
+                    yield self.run("encode", encode_x([(im.patches, im.src_pixels) for im in images]),
+                                   self.sim.prof.overhead_s("encode", len(images)))
             t0 = self.env.now
             yield self.run("prefill", prefill_x([r.spec.prompt_tokens for r in batch],
-                                                sum(len(r.spec.images) for r in batch)))
+                                                sum(len(r.spec.images) for r in batch)),
+                           self.sim.prof.overhead_s("prefill", len(batch)))
             forward = self.env.now - t0
             self.steps += 1
             self.items += len(batch)
@@ -323,7 +325,7 @@ class DecodeSim(Instance):
                 continue
             t0 = self.env.now
             yield self.run("decode", decode_x(len(batch), max(d.past_len + 1 for d in batch)),
-                           sim.prof.decode_overhead_s(len(batch)))
+                           sim.prof.overhead_s("decode", len(batch)))
             self.busy_s += self.env.now - t0
             self.steps += 1
             self.batch_sum += len(batch)

@@ -105,36 +105,64 @@ def test_front_end_costs_are_solved_from_the_four_workloads():
     assert all(v == 0.0 for who in zero.values() for v in who.values())
 
 
-def test_decode_overhead_is_what_the_services_inter_token_latency_exceeds_the_profiled_step_by():
+def test_service_overheads_are_what_the_services_exceed_the_profile_and_simulator_by():
+    """Decode: the probe's inter-token latency less the profiled step; prefill and encode: the
+    probe's TTFT less the simulator's for the same requests — so the simulator, given the
+    overheads, reproduces the probe's TTFTs."""
     prof = Profile.from_json(_raw(), "p")
     step, tok, k = 4e-4, 1e-4, frontend.TEXT_MANY[2]
     runs = {}
     for name, batch, n in (("text_serial", 1, 4), ("text_many", k, 8)):
         ctx = int(prof.model["template_tokens"] + frontend.PROMPT_TOKENS + 128 / 2)
         runs[name] = _run(n, n * 128, 0, 0, itl=prof.cost("decode", 1, decode_x(batch, ctx)) + step + tok * batch)
-    got = frontend.decode_overhead(prof, runs, 1)
-    assert got == pytest.approx({"step_s": step, "token_s": tok}, rel=1e-6)
+    runs["text_one"] = _run(40, 40, 0, 0)
+    runs["image_one"] = _run(16, 16, 0, 0, mbytes=16 * 0.05)
+    runs["text_one"]["ttft_median_s"] = runs["image_one"]["ttft_median_s"] = 0.0
+    none = frontend.service_overheads(prof, runs, 1)  # TTFTs below the model's: no negative overhead
+    assert none["prefill_request_s"] == 0.0 and none["encode_image_s"] == 0.0
+    assert none["decode_step_s"] == pytest.approx(step, rel=1e-6) and none["decode_token_s"] == pytest.approx(tok)
+    base_text = _sim_ttft(prof, frontend.TEXT_ONE, runs["text_one"], False, none)
+    base_image = _sim_ttft(prof, frontend.IMAGE_ONE, runs["image_one"], True, none)
+    runs["text_one"]["ttft_median_s"] = base_text + 0.004
+    runs["image_one"]["ttft_median_s"] = base_image + 0.004 + 0.010
+    got = frontend.service_overheads(prof, runs, 1)
+    # requests queue two at a time in the probe, so an overhead adds to the median TTFT more than once
+    assert 0 < got["prefill_request_s"] < 0.004 and 0 < got["encode_image_s"] < 0.010
+    assert _sim_ttft(prof, frontend.TEXT_ONE, runs["text_one"], False, got) == pytest.approx(
+        runs["text_one"]["ttft_median_s"], abs=1e-4)
+    assert _sim_ttft(prof, frontend.IMAGE_ONE, runs["image_one"], True, got) == pytest.approx(
+        runs["image_one"]["ttft_median_s"], abs=1e-4)
+
+
+def _sim_ttft(prof, kind, run, images, service):
+    from dataclasses import replace
+
+    trial = replace(prof, host={**prof.host, "service": dict(service)})
+    res = simulate(trial, Deployment("E-P-D"), frontend._probe_workload(prof, kind, run, images))
+    ttft = sorted(r.ttft for r in res.records)
+    return ttft[len(ttft) // 2]
 
 
 def _measured(prof_raw):
     raw = copy.deepcopy(prof_raw)
     raw["host"]["gateway"] = {"request_s": 2e-3, "request_mbyte_s": 0.02, "delivery_s": 3e-4, "token_s": 1e-4}
     raw["host"]["client"] = {"request_s": 1e-3, "request_mbyte_s": 0.005, "delivery_s": 1e-4, "token_s": 5e-5}
-    raw["host"]["decode"] = {"step_s": 1e-3, "token_s": 2e-4}
+    raw["host"]["service"] = {"decode_step_s": 1e-3, "decode_token_s": 2e-4, "prefill_request_s": 0.0,
+                              "encode_image_s": 0.0}
     return raw
 
 
 def test_profile_front_end_fields_round_trip_validate_and_default(tmp_path):
     legacy = Profile.from_json(_raw(), "p")
     assert legacy.front("client") == dict.fromkeys(("request_s", "request_mbyte_s", "delivery_s", "token_s"), 0.0)
-    assert legacy.front("gateway")["token_s"] == legacy.host["token_s"] and legacy.decode_overhead_s(4) == 0.0
+    assert legacy.front("gateway")["token_s"] == legacy.host["token_s"] and legacy.overhead_s("decode", 4) == 0.0
     prof = Profile.from_json(_measured(_raw()), "p")
     again = Profile.load(prof.save(tmp_path / "p.json"))
     assert again.front("gateway") == prof.front("gateway") and again.front("client")["token_s"] == 5e-5
-    assert again.decode_overhead_s(4) == pytest.approx(1e-3 + 4 * 2e-4)
+    assert again.overhead_s("decode", 4) == pytest.approx(1e-3 + 4 * 2e-4) and again.overhead_s("encode", 3) == 0
     scaled = prof.scaled({"host": 0.5}, "test")
     assert scaled.front("client")["request_s"] == pytest.approx(5e-4)
-    for who, key in (("gateway", "token_s"), ("client", "request_s"), ("decode", "step_s")):
+    for who, key in (("gateway", "token_s"), ("client", "request_s"), ("service", "decode_step_s")):
         bad = _measured(_raw())
         bad["host"][who][key] = -1.0
         with pytest.raises(ProfileError, match=rf"host\.{who}\.{key}"):
@@ -150,7 +178,7 @@ def test_measured_front_end_and_decode_overhead_lengthen_ttft_and_tpot():
         res = simulate(prof, Deployment("E-P-D"), wl)
         out[name] = (compute_metrics(res.records, res.duration_s, {}), res.stats)
     b, m = out["base"][0], out["measured"][0]
-    # a lone request: the decode step grows by step_s + token_s (1.2 ms) plus the front end's per-token work
+    # a lone request: the decode step grows by decode_step_s + decode_token_s (1.2 ms) plus the front end's
     assert m["median_tpot_ms"] - b["median_tpot_ms"] == pytest.approx(1.2, abs=0.3)
     # the client's and the gateway's request work (≈ 3 ms + 25 ms/MB × 0.05 MB) come before any stage
     assert m["median_ttft_ms"] > b["median_ttft_ms"] + 2.5
