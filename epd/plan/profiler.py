@@ -296,7 +296,7 @@ class Profiler:
 
         secs = 2.0 if self.quick else 4.0
         self.parallel = {**measure(self.model_dir, self.dtype, usable_cores(), seconds=secs * 0.6,
-                                   pair_seconds=secs * 0.4),
+                                   pair_seconds=secs * 0.3),
                          **colocated(self.model_dir, self.dtype, seconds=secs)}
 
     # -- result ---------------------------------------------------------------------------
@@ -352,5 +352,11 @@ class Profiler:
             from epd.plan.frontend import service_overheads
 
             threads = prof.nearest_threads(split_cores([("encoder",), ("prefill",), ("decode",)], usable_cores())[2])
-            prof.host["service"] = service_overheads(prof, self.front_end_runs["runs"], threads)
+            runs = self.front_end_runs["runs"]
+            prof.host["service"] = service_overheads(prof, runs, threads)
+            if "beside" in runs and prof.device.get("slowdown"):  # the deployment's own figure for D beside E
+                from epd.plan.frontend import decode_beside_encode
+
+                prof.device["slowdown"]["decode"]["encode"] = decode_beside_encode(runs)
+                prof.device["slowdown_source"] = {"decode by encode": "epd up probe", "others": "bare processes"}
         return prof

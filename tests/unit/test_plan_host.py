@@ -183,3 +183,10 @@ def test_measured_front_end_and_decode_overhead_lengthen_ttft_and_tpot():
     # the client's and the gateway's request work (≈ 3 ms + 25 ms/MB × 0.05 MB) come before any stage
     assert m["median_ttft_ms"] > b["median_ttft_ms"] + 2.5
     assert out["measured"][1]["client_busy"] > 0 and out["base"][1]["client_busy"] == 0
+
+
+def test_decode_beside_encode_is_the_streams_inter_token_latency_ratio():
+    runs = {"text_serial": _run(4, 512, 0, 0, itl=0.004), "beside": {"itl_median_s": 0.005, "ttft_median_s": 0.3}}
+    assert frontend.decode_beside_encode(runs) == pytest.approx(0.8)
+    runs["beside"]["itl_median_s"] = 0.0035  # faster beside the images than alone: noise, not a speed-up
+    assert frontend.decode_beside_encode(runs) == 1.0
