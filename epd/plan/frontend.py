@@ -37,10 +37,11 @@ import time
 from pathlib import Path
 
 # (requests, output tokens, max concurrency) of each workload
-TEXT_ONE = (40, 1, 2)
-TEXT_SERIAL = (4, 128, 1)
+TEXT_ONE = (24, 1, 2)
+TEXT_SERIAL = (3, 128, 1)
 TEXT_MANY = (8, 128, 4)
-IMAGE_ONE = (16, 1, 2)
+IMAGE_ONE = (12, 1, 2)
+REPEATS = 3  # of every workload but TEXT_MANY; latencies are the median of the repetitions' medians
 IMAGE_SIZE = (448, 448)
 PROMPT_TOKENS = 12  # about what "request N: say something about the weather" tokenizes to
 
@@ -128,6 +129,22 @@ def _run(url: str, model: str, reqs: list, concurrency: int, gw: int) -> dict:
             "tokens": sum(r.output_tokens for r in run.records), "mbytes": mbytes,
             "itl_median_s": itl[len(itl) // 2] if itl else 0.0, "ttft_median_s": ttft[len(ttft) // 2],
             "concurrency": concurrency}
+
+
+def _merge(reps: list[dict]) -> dict:
+    """One workload's repetitions as one: totals summed, the median of their latency medians
+    (the per-repetition medians kept under ``reps_itl_median_s`` / ``reps_ttft_median_s``)."""
+    out: dict = {}
+    for key in reps[0]:
+        vals = [r[key] for r in reps]
+        if key.endswith("_median_s"):
+            out[key] = sorted(vals)[len(vals) // 2]
+            out[f"reps_{key}"] = vals
+        elif key == "concurrency":
+            out[key] = vals[0]
+        else:
+            out[key] = sum(vals)
+    return out
 
 
 def _beside(url: str, model: str, seed: int) -> dict:
@@ -283,11 +300,15 @@ def measure_front_end(model_dir: Path, dtype: str, seed: int = 0, log_dir: Path 
             g0, t0 = cpu_s(gw), time.perf_counter()
             time.sleep(1.5)
             idle = (cpu_s(gw) - g0) / (time.perf_counter() - t0)
-            runs["text_one"] = _run(run.url, model, _requests(TEXT_ONE, False, seed), TEXT_ONE[2], gw)
-            runs["text_serial"] = _run(run.url, model, _requests(TEXT_SERIAL, False, seed), TEXT_SERIAL[2], gw)
+            reps: dict[str, list[dict]] = {k: [] for k in ("text_one", "text_serial", "image_one", "beside")}
             runs["text_many"] = _run(run.url, model, _requests(TEXT_MANY, False, seed), TEXT_MANY[2], gw)
-            runs["image_one"] = _run(run.url, model, _requests(IMAGE_ONE, True, seed), IMAGE_ONE[2], gw)
-            runs["beside"] = _beside(run.url, model, seed)
+            for rep in range(REPEATS):  # interleaved, so a drift of the host's speed spreads over all
+                s = seed + 10 * rep
+                reps["text_one"].append(_run(run.url, model, _requests(TEXT_ONE, False, s), TEXT_ONE[2], gw))
+                reps["text_serial"].append(_run(run.url, model, _requests(TEXT_SERIAL, False, s), TEXT_SERIAL[2], gw))
+                reps["image_one"].append(_run(run.url, model, _requests(IMAGE_ONE, True, s), IMAGE_ONE[2], gw))
+                reps["beside"].append(_beside(run.url, model, s))
+            runs |= {name: _merge(found) for name, found in reps.items()}
         finally:
             run.stop()
     costs = solve(runs, idle)

@@ -190,3 +190,11 @@ def test_decode_beside_encode_is_the_streams_inter_token_latency_ratio():
     assert frontend.decode_beside_encode(runs) == pytest.approx(0.8)
     runs["beside"]["itl_median_s"] = 0.0035  # faster beside the images than alone: noise, not a speed-up
     assert frontend.decode_beside_encode(runs) == 1.0
+
+
+def test_repetitions_merge_into_totals_and_median_latencies():
+    reps = [_run(3, 384, 0.1, 0.05, itl=0.004), _run(3, 384, 0.2, 0.05, itl=0.003), _run(3, 384, 0.1, 0.05, itl=0.009)]
+    got = frontend._merge(reps)
+    assert got["requests"] == 9 and got["tokens"] == 3 * 384 and got["gateway_s"] == pytest.approx(0.4)
+    assert got["itl_median_s"] == 0.004 and got["reps_itl_median_s"] == [0.004, 0.003, 0.009]
+    assert got["concurrency"] == 1
