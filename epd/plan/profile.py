@@ -51,6 +51,8 @@ from pathlib import Path
 
 import numpy as np
 
+from epd.plan.hostcosts import front, host_parts, overhead_s
+
 SCHEMA = "epd-profile/1"
 
 #: Feature names of each cost model, in fitting order.
@@ -63,9 +65,6 @@ FEATURES: dict[str, tuple[str, ...]] = {
 }
 STAGES = ("encode", "image_decode", "prefill", "decode")
 HOST_KEYS = ("request_s", "request_mbyte_s", "token_s", "hop_s", "jpeg_bytes_per_pixel")
-FRONT_KEYS = ("request_s", "request_mbyte_s", "delivery_s", "token_s")  # host.gateway, host.client
-FRONT_ENDS = ("gateway", "client")
-SERVICE_KEYS = ("decode_step_s", "decode_token_s", "prefill_request_s", "encode_image_s")  # host.service
 
 
 class ProfileError(ValueError):
@@ -216,28 +215,14 @@ class Profile:
         return base
 
     def front(self, who: str) -> dict[str, float]:
-        """CPU seconds of ``who`` (``gateway`` | ``client``) per request, per MB of image, per
-        delivery (one decode step's tokens) and per token: the measured ``host.<who>`` when the
-        profile has it, else the synthetic probe's figures for the gateway and nothing for the
-        client (profiles from before epd.plan.frontend)."""
-        if who in self.host:
-            return dict(self.host[who])
-        if who == "gateway":
-            h = self.host
-            return {"request_s": h["request_s"], "request_mbyte_s": h["request_mbyte_s"], "delivery_s": 0.0,
-                    "token_s": h["token_s"]}
-        return dict.fromkeys(FRONT_KEYS, 0.0)
+        """CPU seconds of ``who`` (``gateway`` | ``client``) per request, MB, delivery and token
+        (:func:`epd.plan.hostcosts.front`)."""
+        return front(self.host, who)
 
     def overhead_s(self, stage: str, n: int) -> float:
         """Seconds a service spends beyond :meth:`cost`'s forward on one ``stage`` step of ``n``
-        items (decode: requests in the batch; prefill: requests; encode: images) —
-        ``host.service``; 0 for profiles without it."""
-        d = self.host.get("service")
-        if not d:
-            return 0.0
-        if stage == "decode":
-            return d["decode_step_s"] + d["decode_token_s"] * n
-        return {"prefill": d["prefill_request_s"], "encode": d["encode_image_s"]}.get(stage, 0.0) * n
+        items (:func:`epd.plan.hostcosts.overhead_s`)."""
+        return overhead_s(self.host, stage, n)
 
     def transfer_s(self, nbytes: float) -> float:
         """Seconds of one transfer of ``nbytes`` on the profiled backend."""
@@ -319,23 +304,7 @@ class Profile:
             val = need(host, key, (int, float), "host.")
             if not math.isfinite(val) or val < 0:
                 raise ProfileError(f"{where}: field host.{key} must be a finite number ≥ 0")
-        fronts = {}
-        for who in FRONT_ENDS:
-            if who not in host:
-                continue
-            part = need(host, who, dict, "host.")
-            for key in FRONT_KEYS:
-                val = need(part, key, (int, float), f"host.{who}.")
-                if not math.isfinite(val) or val < 0:
-                    raise ProfileError(f"{where}: field host.{who}.{key} must be a finite number ≥ 0")
-            fronts[who] = {k: float(part[k]) for k in FRONT_KEYS}
-        if "service" in host:
-            part = need(host, "service", dict, "host.")
-            for key in SERVICE_KEYS:
-                val = need(part, key, (int, float), "host.service.")
-                if not math.isfinite(val) or val < 0:
-                    raise ProfileError(f"{where}: field host.service.{key} must be a finite number ≥ 0")
-            fronts["service"] = {k: float(part[k]) for k in SERVICE_KEYS}
+        fronts = host_parts(host, need, where, ProfileError)
         dtype_bytes = need(raw, "dtype_bytes", int, "")
         return cls(device=device, model=model, dtype=need(raw, "dtype", str, ""), dtype_bytes=dtype_bytes,
                    threads=sorted(threads), transfer_backend=str(raw.get("transfer_backend", "")), stages=stages,

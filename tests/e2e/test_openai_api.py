@@ -217,8 +217,14 @@ def test_client_disconnect_mid_stream_frees_every_stage(cluster, photos):
     for _ in range(6):
         assert resp.readline()
     resp.close()  # the client goes away while decode is generating
+    # the gateway notices at its next write; only then can the stages' published loads be trusted
+    # to show the request gone (a load published before the request reached decode also reads idle)
+    deadline = time.monotonic() + 15.0
+    while not ("client disconnected" in cluster.log("gateway") or "ended early" in cluster.log("gateway")):
+        assert time.monotonic() < deadline, "the gateway never logged the client's disconnect"
+        time.sleep(0.1)
+    time.sleep(1.5)  # one heartbeat: loads published after the abort
     _wait_idle(cluster)
-    assert "client disconnected" in cluster.log("gateway") or "ended early" in cluster.log("gateway")
 
 
 def _png_header_only(width: int, height: int) -> bytes:
