@@ -106,8 +106,13 @@ def test_elastic_up_scales_encoders_and_switches_roles(tmp_path, redis_url, tiny
                 break
         _wait(lambda: "elastic: adding encoder-1" in log.read_text(), 10, "scale-up", log)
         _wait(lambda: gateway_ready(dep.url, {"encoder": 2}), 120, "encoder-1 registered", log)
-        sent += text_items
-        got += asyncio.run(_send(dep.url, text_items))
+        for burst in range(4):  # long outputs crowd the decode until a reading sees it (a fast host drains one burst
+            # between two readings)
+            items = [(imgs, f"{text} (round {burst})", n) for imgs, text, n in text_items]
+            sent += items
+            got += asyncio.run(_send(dep.url, items))
+            if "elastic: switching" in log.read_text():
+                break
         reference = [hf_reference.greedy(imgs, text, n)[1] for imgs, text, n in sent]
         assert got == reference, "an output differs from HF generate"
         _wait(lambda: "is now prefill-" in log.read_text(), 30, "role switch", log)
