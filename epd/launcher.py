@@ -71,7 +71,14 @@ class EmbeddedRedis:
         self.url = f"redis://127.0.0.1:{self.port}/0"
 
     def close(self) -> None:
+        """Shut the server down. The connection drops as the server exits, which redis-py's
+        default retry policy would retry with back-off (~4 s here) before giving up; with no
+        retries the shutdown returns as soon as the server has gone."""
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+
         try:
+            self.server.set_retry(Retry(NoBackoff(), 0))
             self.server.shutdown()
         except Exception:  # already gone
             pass

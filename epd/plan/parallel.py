@@ -8,20 +8,23 @@ of a 224² photo and a 128-token prefill, in a loop) in one process alone, then 
 processes at once, and so on up to a few more processes than cores, and returns the work done
 per second in each case (the *capacity curve*, in solo units) and ``e`` = capacity(cores) ÷
 cores (the *parallel efficiency*); the simulator shares the capacity at each instant's number
-of busy threads. :func:`colocated` measures the same for two roles' loops in
+of busy threads. :func:`colocation_efficiency` is the same for two roles' loops in
 threads of one process (an ``EP`` process): how much of its threads they get together.
 :func:`measure` also measures what one stage suffers from another running beside it in a second
 process (shared caches and memory bandwidth; measured here: a decode step of the tiny model runs
 ~15 % slower while an encode runs on the other core, the encode ~4 % slower) — the simulator
 applies it per pair of running stages (:class:`epd.plan.shared.SharedDevice`).
 
-Run as ``python -m epd.plan.parallel MODEL DTYPE``, a worker loads the model and works one
-round per ``run SECONDS AT [UNIT]`` line on its stdin (UNIT: ``mix`` — encode then prefill, the
-default — or one of :data:`STAGES`), printing its rate.
+Run as ``python -m epd.plan.parallel MODEL DTYPE SOCKET N``, it loads the model, forks into N
+workers, each connected to the Unix socket SOCKET, and each works one round per ``run SECONDS AT
+[UNIT]`` line it reads (UNIT: ``mix`` — encode then prefill, the
+default — or one of :data:`STAGES`), printing its rate; ``colocated SECONDS`` measures two of its
+threads (:func:`_colocated_rates`).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -77,10 +80,25 @@ def _units(model: str, dtype: str):
     return encode, prefill, decode, encode_large
 
 
-def _worker(model: str, dtype: str) -> None:
-    """Load the model, print ``ready``, then for each ``run SECONDS AT`` line on stdin work from the
-    ``time.time()`` instant AT for SECONDS and print ``rate R``; stop at end of input."""
+def _worker(model: str, dtype: str, address: str, workers: int) -> None:
+    """Load the model once, fork into ``workers`` processes (the children share the loaded weights
+    copy-on-write: one load instead of ``workers``, ~15 s less on 2 cores), and have each connect
+    to the Unix socket ``address``, warm up, send ``ready``, then serve lines: for each ``run
+    SECONDS AT [UNIT]`` work from the ``time.time()`` instant AT for SECONDS and answer ``rate R``;
+    for a ``colocated SECONDS`` answer :func:`_colocated_rates`' JSON; stop at end of input.
+
+    The fork happens before any forward has run, and with one intra-op thread (``OMP_NUM_THREADS=1``)
+    no OpenMP pool exists yet to be inherited."""
+    import socket
+
     encode, prefill, decode, encode_large = _units(model, dtype)
+    children = []
+    for _ in range(workers - 1):
+        pid = os.fork()
+        if pid == 0:
+            children = None
+            break
+        children.append(pid)
 
     def mix():
         encode()
@@ -89,36 +107,49 @@ def _worker(model: str, dtype: str) -> None:
     # the pair rounds' encode is an 802×652 photo: a serving-sized image, whose activations press on
     # the shared cache as a 224² one's do not
     units = {"mix": mix, "encode": encode_large, "prefill": prefill, "decode": decode}
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(address)
+    rfile, wfile = sock.makefile("r"), sock.makefile("w")
+
+    def say(text: str) -> None:
+        wfile.write(text + "\n")
+        wfile.flush()
+
     mix()
     decode()
-    print("ready", flush=True)
-    for line in sys.stdin:
-        _, seconds, at, *name = line.split()
+    say("ready")
+    for line in rfile:
+        cmd, seconds, *rest = line.split()
+        if cmd == "colocated":
+            say(json.dumps(_colocated_rates(encode, prefill, float(seconds))))
+            continue
+        at, *name = rest
         unit = units[name[0] if name else "mix"]
         time.sleep(max(0.0, float(at) - time.time()))
         n, t0 = 0, time.perf_counter()
         while time.perf_counter() - t0 < float(seconds):
             unit()
             n += 1
-        print(f"rate {n / (time.perf_counter() - t0)}", flush=True)
+        say(f"rate {n / (time.perf_counter() - t0)}")
+    if children is None:
+        os._exit(0)  # a forked child: no interpreter teardown of the parent's state
+    for pid in children:
+        os.waitpid(pid, 0)
 
 
-def _colocated_worker(model: str, dtype: str, seconds: float) -> None:
-    """Encode and prefill units alone, then in two threads of this one process at once (as the
-    encoder and prefill loops of an ``EP`` process run); prints the rates as JSON."""
-    import json
+def _colocated_rates(enc, pre, seconds: float) -> dict:
+    """``{"solo": {"encode", "prefill"}, "together": {same}}`` (units/s): the encode and prefill
+    units alone, then in two threads of this one process at once (as the encoder and prefill
+    loops of an ``EP`` process run)."""
     import threading
 
-    enc, pre, _, _ = _units(model, dtype)
-
     def loop(fn, until, out, key):
-        n = 0
+        n, t0 = 0, time.perf_counter()
         while time.perf_counter() < until:
             fn()
             n += 1
-        out[key] = n / seconds
+        out[key] = n / max(1e-9, time.perf_counter() - t0)
 
-    enc(), pre()
     solo: dict[str, float] = {}
     loop(enc, time.perf_counter() + seconds, solo, "encode")
     loop(pre, time.perf_counter() + seconds, solo, "prefill")
@@ -130,42 +161,57 @@ def _colocated_worker(model: str, dtype: str, seconds: float) -> None:
         t.start()
     for t in threads:
         t.join()
-    print(json.dumps({"solo": solo, "together": both}), flush=True)
+    return {"solo": solo, "together": both}
 
 
-def colocated(model: Path, dtype: str, seconds: float = 4.0) -> dict:
-    """``{"process_colocation_efficiency": s, ...}``: s = Σ (rate together ÷ rate alone) of an
-    encode loop and a prefill loop in two threads of one 1-thread process. Fair sharing of the
-    process's one thread gives 1; the interpreter lock's hand-offs between short ops give less;
-    ops that release it long enough to overlap on another core give more."""
-    import json
-
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, "-m", "epd.plan.parallel", "--colocated", str(model), dtype, str(seconds)],
-                         capture_output=True, text=True, env=env, timeout=seconds * 20 + 120, check=True)
-    res = json.loads(out.stdout.strip().splitlines()[-1])
-    s = sum(res["together"][k] / res["solo"][k] for k in ("encode", "prefill"))
-    return {"process_colocation_efficiency": s, "colocated_rates": res}
+def colocation_efficiency(rates: dict) -> dict:
+    """``{"process_colocation_efficiency": s, "colocated_rates": rates}`` from
+    :func:`_colocated_rates`' result: s = Σ (rate together ÷ rate alone) of an encode loop and a
+    prefill loop in two threads of one 1-thread process. Fair sharing of the process's one thread
+    gives 1; the interpreter lock's hand-offs between short ops give less; ops that release it
+    long enough to overlap on another core give more."""
+    s = sum(rates["together"][k] / rates["solo"][k] for k in ("encode", "prefill"))
+    return {"process_colocation_efficiency": s, "colocated_rates": rates}
 
 
 def _rounds(model: Path, dtype: str, seconds: float, counts: list[int], pairs: list[tuple[str, ...]] = (),
-            pair_seconds: float | None = None, retries: int = 2) -> tuple[dict[int, list[float]], list]:
+            pair_seconds: float | None = None, retries: int = 2,
+            colocated_seconds: float = 0.0) -> tuple[dict[int, list[float]], list, dict | None]:
     """``({k: rates (units/s) of k workers working the mixed unit at once} for each k in ``counts``,
     [(units, their rates: worker i working units[i], all at once)] for each tuple in ``pairs``, in
-    order)``:
+    order, :func:`_colocated_rates`' result or None)``:
     max(counts) (at least 2 with pairs) workers load the model once; each round starts its
-    workers at the same instant.
+    workers at the same instant; with ``colocated_seconds`` worker 0 then measures two of its
+    threads (all other workers idle).
 
-    ``pairs`` come in blocks of :func:`slowdown_rounds` (five rounds per pair of stages). A block
-    whose pair got less together than the capacity curve says two busy processes get, by more
-    than :data:`DISTURBED` — both slowed as if they had shared one core — was disturbed by
-    something else on the host (a neighbour's burst) and is measured again, up to ``retries``
-    times; the block kept is the last."""
+    A pair round (two stages at once, :func:`slowdown_rounds`) in which the two got less together
+    than the capacity curve says two busy processes get, by more than :data:`DISTURBED` — both
+    slowed as if they had shared one core — was disturbed by something else on the host (a
+    neighbour's burst) and is measured again at once, up to ``retries`` times; the last is kept."""
+    import socket
+    import tempfile
+
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, "-m", "epd.plan.parallel", str(model), dtype],
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                              text=True, env=env)
-             for _ in range(max([*counts, *(len(u) for u in pairs)]))]
+    n = max([*counts, *(len(u) for u in pairs)])
+    tmp = tempfile.TemporaryDirectory(prefix="epd-parallel-")
+    address = os.path.join(tmp.name, "workers.sock")
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(address)
+    server.listen(n)
+    server.settimeout(300.0)
+    log_path = os.path.join(tmp.name, "workers.log")
+    with open(log_path, "wb") as log:  # the workers' stderr (a pipe nobody reads could fill and block them)
+        leader = subprocess.Popen([sys.executable, "-m", "epd.plan.parallel", str(model), dtype, address, str(n)],
+                                  stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log, env=env,
+                                  start_new_session=True)
+
+    def log_tail() -> str:
+        with open(log_path, errors="replace") as f:
+            lines = f.read().strip().splitlines()
+        return lines[-1] if lines else "no message"
+
+    conns: list = []
+    procs: list = []
 
     def round_(units: tuple[str, ...], secs: float = seconds) -> list[float]:
         """Each worker i works units[i] ("": rests, rate 0)."""
@@ -178,28 +224,71 @@ def _rounds(model: Path, dtype: str, seconds: float, counts: list[int], pairs: l
         return [rates.get(id(p), 0.0) for p in procs[:len(units)]]
 
     try:
+        for _ in range(n):
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                leader.kill()
+                raise RuntimeError(f"parallel probe workers failed to start (exit {leader.wait()}): "
+                                   f"{log_tail()}") from None
+            conns.append(conn)
+            procs.append(_Peer(conn.makefile("r"), conn.makefile("w")))
         for p in procs:
             if not p.stdout.readline().startswith("ready"):
-                raise RuntimeError(f"parallel probe worker failed to start (exit {p.wait()})")
+                raise RuntimeError(f"parallel probe worker failed to warm up: {log_tail()}")
         out = {k: round_(("mix",) * k) for k in counts}
         cap2 = min(2.0, sum(out[2]) / out[1][0]) if 1 in out and 2 in out else 2.0
         done: list = []
-        for start in range(0, len(pairs), 5):
+        solo: dict[str, float] = {}  # each stage's latest solo rate (all come before the pairs)
+        for units in pairs:
             for _ in range(retries + 1):
-                block = [(units, round_(units, pair_seconds or seconds)) for units in pairs[start:start + 5]]
-                table = slowdown_table(block)["slowdown"]
-                if sum(v for row in table.values() for v in row.values()) >= cap2 - DISTURBED:
+                rates = round_(units, pair_seconds or seconds)
+                if "" in units or not all(solo.get(u) for u in units):
                     break
-            done += block
-        return out, done
+                if sum(r / solo[u] for u, r in zip(units, rates, strict=True)) >= cap2 - DISTURBED:
+                    break
+            if "" in units:
+                solo[units[0] or units[1]] = max(rates)
+            done.append((units, rates))
+        colo = None
+        if colocated_seconds > 0:
+            procs[0].stdin.write(f"colocated {colocated_seconds}\n")
+            procs[0].stdin.flush()
+            colo = json.loads(procs[0].stdout.readline())
+        return out, done, colo
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
+        for c in conns:  # shutdown, not just close: the makefile()s keep the descriptor open
+            try:
+                c.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            c.close()
+        server.close()
+        try:
+            leader.wait(10.0)
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            os.killpg(leader.pid, 9)  # the forked workers too, should any be left
+        except ProcessLookupError:
+            pass
+        leader.wait()
+        if os.environ.get("EPD_PARALLEL_LOG"):
+            import shutil
+
+            shutil.copy(log_path, os.environ["EPD_PARALLEL_LOG"])
+        tmp.cleanup()
+
+
+class _Peer:
+    """One forked worker's connection: ``stdin`` to write lines to it, ``stdout`` to read its answers."""
+
+    def __init__(self, rfile, wfile) -> None:
+        self.stdout, self.stdin = rfile, wfile
 
 
 def measure(model: Path, dtype: str, cores: int, seconds: float = 4.0, extra: int = 3,
-            pair_seconds: float = 2.0) -> dict:
+            pair_seconds: float = 2.0, colocated_seconds: float = 0.0) -> dict:
     """How much work this host does with ``k`` busy one-thread processes, for k = 1 … ``cores`` +
     ``extra`` (a deployment runs more processes than cores: E-P-D on 2 cores is three services
     plus the gateway and the client); with ≥ 2 cores also what each stage loses beside another
@@ -207,60 +296,69 @@ def measure(model: Path, dtype: str, cores: int, seconds: float = 4.0, extra: in
     stage's unit — encode of an 802×652 photo, 128-token prefill, decode step of 4 × 256 tokens —
     alone, and each pair of different stages in two processes at once, placed by the OS as it
     places the services. On one core the two would time-share, which the capacity curve already
-    models).
+    models); with ``colocated_seconds``, :func:`colocation_efficiency`'s keys too.
 
     Returns:
         ``{"parallel_capacity": {k: Σ rates of k concurrent workers ÷ the rate of one alone},
         "parallel_efficiency": capacity(cores) ÷ cores, "solo_rate", "parallel_rates": {k: rates}}``.
-        Capacity is in cores' worth of solo work. Measured here (2 vCPUs): 1.82 at k=2 but only
+        Capacity is in cores' worth of solo work. Measured on one 2-vCPU VM: 1.82 at k=2 but only
         1.38 at k=3 — three runnable processes on two cores lose a third of the second core to
-        time-slicing and migration, which no per-core figure shows. With ≥ 2 cores, also
-        :func:`slowdown_table`'s keys.
+        time-slicing and migration, which no per-core figure shows (another VM: 2.0 at k=2…4).
+        With ≥ 2 cores, also :func:`slowdown_table`'s keys.
     """
     pairs = slowdown_rounds() if cores > 1 else []
-    rates, paired = _rounds(model, dtype, seconds, list(range(1, cores + extra + 1)) if cores > 1 else [1],
-                            pairs, pair_seconds)
+    rates, paired, colo = _rounds(model, dtype, seconds,
+                                  list(range(1, cores + extra + 1)) if cores > 1 else [1], pairs, pair_seconds,
+                                  colocated_seconds=colocated_seconds)
     solo = rates[1][0]
     capacity = {str(k): min(float(k), float(cores), sum(r) / solo) for k, r in rates.items()}
     eff = capacity.get(str(cores), 1.0) / cores if cores > 1 else 1.0
     return {"parallel_capacity": capacity, "parallel_efficiency": min(1.0, eff), "solo_rate": solo,
-            "parallel_rates": {str(k): r for k, r in rates.items()}, **(slowdown_table(paired) if pairs else {})}
+            "parallel_rates": {str(k): r for k, r in rates.items()}, **(slowdown_table(paired) if pairs else {}),
+            **(colocation_efficiency(colo) if colo else {})}
 
 
 def slowdown_rounds() -> list[tuple[str, ...]]:
-    """The order of :func:`measure`'s pair rounds: for each pair of stages (a, b), worker 0 works a
-    alone, worker 1 works b alone, both at once, then b and a alone again — every stage's rate beside
-    the other is compared with its own worker's solo rates just before and just after (``""``:
-    that worker rests)."""
-    out: list[tuple[str, ...]] = []
-    for i, a in enumerate(STAGES):
-        for b in STAGES[i + 1:]:
-            out += [(a, ""), ("", b), (a, b), ("", b), (a, "")]  # symmetric: a linear drift cancels
-    return out
+    """The order of :func:`measure`'s pair rounds: each stage alone (worker 0; ``""``: worker 1
+    rests), each pair of different stages at once, then each stage alone again in reverse order —
+    every pair round lies between solo rounds of both its stages, which :func:`slowdown_table`
+    interpolates (a linear drift of the host's speed cancels)."""
+    solo = [(st, "") for st in STAGES]
+    pairs = [(a, b) for i, a in enumerate(STAGES) for b in STAGES[i + 1:]]
+    return [*solo, *pairs, *solo[::-1]]
 
 
 def slowdown_table(rounds: list[tuple[tuple[str, ...], list[float]]]) -> dict:
     """``{"slowdown": {victim: {co-runner: rate beside it ÷ rate alone, ≤ 1}}, "slowdown_rates":
-    {"a+b": {"alone": [a, b], "together": [a, b]}}}`` from the rounds of :func:`slowdown_rounds`
-    in order. "Alone" is the mean of the same worker's solo rounds just before and just after the
-    pair round, so a drift of the host's speed over the measurement (seen here: ±10 % within a
-    minute on a shared VM) and a difference between the two worker processes cancel."""
+    {"a+b": {"alone": [a, b], "together": [a, b]}}}`` from rounds in :func:`slowdown_rounds`' order
+    (a round with one busy worker is a solo round). A stage's rate "alone" at a pair round is
+    interpolated linearly between its nearest solo rounds before and after (one of them when the
+    other is missing), so a drift of the host's speed over the measurement (seen here: ±10 % within
+    a minute on a shared VM) cancels."""
     table: dict[str, dict[str, float]] = {st: {} for st in STAGES}
     raw: dict[str, dict[str, list[float]]] = {}
+    solos: dict[str, list[tuple[int, float]]] = {}
+    for i, (units, rates) in enumerate(rounds):
+        busy = [(u, r) for u, r in zip(units, rates, strict=False) if u]
+        if len(busy) == 1:
+            solos.setdefault(busy[0][0], []).append((i, busy[0][1]))
     for i, (units, rates) in enumerate(rounds):
         if "" in units:
             continue
         alone = []
         for w, stage in enumerate(units):
-            solo = [r[w] for u, r in rounds[max(0, i - 2):i + 3] if u[w] == stage and u[1 - w] == ""]
-            alone.append(sum(solo) / len(solo))
-            table[stage][units[1 - w]] = min(1.0, rates[w] / alone[w])
+            seen = solos.get(stage, [])
+            before = [x for x in seen if x[0] < i][-1:]
+            after = [x for x in seen if x[0] > i][:1]
+            if before and after:
+                (ib, rb), (ia, ra) = before[0], after[0]
+                alone.append(rb + (ra - rb) * (i - ib) / (ia - ib))
+            else:
+                alone.append((before or after or [(i, rates[w])])[0][1])
+            table[stage][units[1 - w]] = min(1.0, rates[w] / alone[w]) if alone[w] > 0 else 1.0
         raw["+".join(units)] = {"alone": alone, "together": rates}
     return {"slowdown": table, "slowdown_rates": raw}
 
 
 if __name__ == "__main__":
-    if sys.argv[1] == "--colocated":
-        _colocated_worker(sys.argv[2], sys.argv[3], float(sys.argv[4]))
-    else:
-        _worker(sys.argv[1], sys.argv[2])
+    _worker(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]))

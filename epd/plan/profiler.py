@@ -240,7 +240,7 @@ class Profiler:
         ctx = min(ctx, self._max_len() - 16)
         a = self.adapter
         block = 16
-        steps = 4 if self.quick else 8
+        steps = 4 if self.quick or batch * ctx >= 16384 else 8  # a big step is timed well by fewer
         per_req = -(-(ctx + steps * (self.reps + 2) + 1) // block) + 1
         layout = KvLayout(a.num_layers, batch * per_req + batch + 2, block, a.num_kv_heads, a.head_dim, self.dtype)
         pool = KvPool(layout)
@@ -292,12 +292,11 @@ class Profiler:
         """Work of ``cores`` one-thread processes at once vs one alone, and the pairwise stage
         slowdowns (:mod:`epd.plan.parallel`)."""
         from epd.cores import usable_cores
-        from epd.plan.parallel import colocated, measure
+        from epd.plan.parallel import measure
 
         secs = 2.0 if self.quick else 4.0
-        self.parallel = {**measure(self.model_dir, self.dtype, usable_cores(), seconds=secs * 0.6,
-                                   pair_seconds=secs * 0.3),
-                         **colocated(self.model_dir, self.dtype, seconds=secs)}
+        self.parallel = measure(self.model_dir, self.dtype, usable_cores(), seconds=secs * 0.45,
+                                pair_seconds=secs * 0.3, colocated_seconds=secs * 0.45)
 
     # -- result ---------------------------------------------------------------------------
     def _template(self) -> tuple[int, int]:
