@@ -25,7 +25,6 @@ import contextlib
 import io
 import json
 import os
-import re
 import shlex
 import statistics
 import subprocess
@@ -44,7 +43,9 @@ EPD = str(Path(sys.executable).with_name("epd"))
 
 def file_name(topology: str) -> str:
     """A file-name part for a topology: ``(E-P)-D`` → ``E-P-coloc-D`` (distinct from ``E-P-D``)."""
-    return re.sub(r"\((.*?)\)", r"\1-coloc", topology)
+    from epd.bench.compare import file_part
+
+    return file_part(topology)
 
 
 def wait_quiet(path: str | None, poll_s: float = 30.0) -> None:

@@ -36,6 +36,7 @@ import asyncio
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -92,6 +93,12 @@ class Running:
             self.proc.wait()
 
 
+def file_part(deployment: str) -> str:
+    """A file-name part for a deployment: ``(E-P)-D`` → ``E-P-coloc-D`` (distinct from ``E-P-D``'s),
+    ``E-P-D@bfloat16`` → ``E-P-D-bfloat16``."""
+    return re.sub(r"\((.*?)\)", r"\1-coloc", deployment).replace("@", "-")
+
+
 def free_port() -> int:
     from epd.launcher import free_port as _free
 
@@ -126,7 +133,7 @@ def start_ours(topology: str, model: Path, log_dir: Path, startup_timeout_s: flo
     from epd.topology import parse_topology
 
     port = free_port()
-    log = log_dir / f"{topology.replace('(', '').replace(')', '').replace('@', '-')}.log"
+    log = log_dir / f"{file_part(topology)}.log"
     shape, dtype = split_deployment(topology)
     env = {**os.environ, "EPD_RESTART": "no", "EPD_DTYPE": dtype}
     with open(log, "wb") as out:  # the child keeps its own descriptor
