@@ -198,7 +198,7 @@ def _rounds(model: Path, dtype: str, seconds: float, counts: list[int], pairs: l
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     server.bind(address)
     server.listen(n)
-    server.settimeout(300.0)
+    server.settimeout(1.0)
     log_path = os.path.join(tmp.name, "workers.log")
     with open(log_path, "wb") as log:  # the workers' stderr (a pipe nobody reads could fill and block them)
         leader = subprocess.Popen([sys.executable, "-m", "epd.plan.parallel", str(model), dtype, address, str(n)],
@@ -224,10 +224,13 @@ def _rounds(model: Path, dtype: str, seconds: float, counts: list[int], pairs: l
         return [rates.get(id(p), 0.0) for p in procs[:len(units)]]
 
     try:
-        for _ in range(n):
+        deadline = time.monotonic() + 300.0
+        while len(conns) < n:
             try:
                 conn, _ = server.accept()
-            except OSError:
+            except TimeoutError:
+                if leader.poll() is None and time.monotonic() < deadline:
+                    continue
                 leader.kill()
                 raise RuntimeError(f"parallel probe workers failed to start (exit {leader.wait()}): "
                                    f"{log_tail()}") from None
@@ -273,10 +276,6 @@ def _rounds(model: Path, dtype: str, seconds: float, counts: list[int], pairs: l
         except ProcessLookupError:
             pass
         leader.wait()
-        if os.environ.get("EPD_PARALLEL_LOG"):
-            import shutil
-
-            shutil.copy(log_path, os.environ["EPD_PARALLEL_LOG"])
         tmp.cleanup()
 
 
