@@ -43,7 +43,7 @@ EPD = str(Path(sys.executable).with_name("epd"))
 
 def file_name(topology: str) -> str:
     """A file-name part for a topology: ``(E-P)-D`` → ``E-P-coloc-D`` (distinct from ``E-P-D``)."""
-    from epd.bench.compare import file_part
+    from epd.topology import file_part
 
     return file_part(topology)
 
@@ -127,6 +127,30 @@ def rows_of(topology: str, meas: dict | None, sim: dict) -> list[dict]:
     return out
 
 
+def goodput_band(meas: dict | None, target: float = 0.9) -> tuple[float | None, float | None]:
+    """The measured goodput had one request fewer / one more met the SLO at every rate: how far
+    the figure moves on one request when the attainment curve falls slowly through ``target``
+    (``None`` where the lowest rate then misses it)."""
+    from epd.bench.metrics import goodput_from_sweep
+
+    sweep = (meas or {}).get("sweep", [])
+    pts = [(e["request_rate"], e["slo_attainment"], max(1, e.get("completed") or 1)) for e in sweep
+           if e.get("slo_attainment") is not None]
+    if not pts:
+        return None, None
+    lo = goodput_from_sweep([(r, max(0.0, a - 1 / n)) for r, a, n in pts], target)[0]
+    hi = goodput_from_sweep([(r, min(1.0, a + 1 / n)) for r, a, n in pts], target)[0]
+    return lo, hi
+
+
+def attainment_summary(rows: list[dict]) -> dict:
+    """``{"median_abs_diff", "within_0_10", "points"}``: |simulated − measured| SLO attainment per point."""
+    diffs = [abs(r["slo_attainment"]["simulated"] - r["slo_attainment"]["measured"]) for r in rows
+             if r["slo_attainment"]["simulated"] is not None and r["slo_attainment"]["measured"] is not None]
+    return {"median_abs_diff": statistics.median(diffs) if diffs else None,
+            "within_0_10": sum(d <= 0.10 + 1e-9 for d in diffs), "points": len(diffs)}
+
+
 def fmt(v, pct=False, nd=0):
     if v is None:
         return "–"
@@ -148,8 +172,10 @@ def print_table(rows: list[dict], goodputs: dict) -> None:
               f"{fmt(tp['rel_err'], True):>6} | {fmt(at['measured'], nd=2):>11} {fmt(at['simulated'], nd=2):>5}")
     print(f"\n{'deployment':<10} {'goodput meas':>12} {'sim':>8} {'err':>6}")
     for dep, g in goodputs.items():
+        band = g.get("measured_band") or [None, None]
         print(f"{dep:<10} {fmt(g['measured'], nd=2):>12} {fmt(g['simulated'], nd=2):>8} {fmt(g['rel_err'], True):>6}"
-              f"   ({g.get('measured_how') or '–'} / {g.get('simulated_how')})")
+              f"   ({g.get('measured_how') or '–'} / {g.get('simulated_how')}; measured ±1 request per rate: "
+              f"{fmt(band[0], nd=2)}–{fmt(band[1], nd=2)})")
 
 
 def markdown(rows: list[dict], goodputs: dict, summary: dict, title: str) -> str:
@@ -163,15 +189,21 @@ def markdown(rows: list[dict], goodputs: dict, summary: dict, title: str) -> str
                    f"({fmt(t50['rel_err'], True)}) | {fmt(t90['measured'])} / {fmt(t90['simulated'])} "
                    f"({fmt(t90['rel_err'], True)}) | {fmt(tp['measured'], nd=1)} / {fmt(tp['simulated'], nd=1)} "
                    f"({fmt(tp['rel_err'], True)}) | {fmt(at['measured'], nd=2)} / {fmt(at['simulated'], nd=2)} |")
-    out += ["", "| deployment | goodput req/s measured | simulated | error |", "|---|---|---|---|"]
+    out += ["", "| deployment | goodput req/s measured | ±1 request per rate | simulated | error |",
+            "|---|---|---|---|---|"]
     for dep, g in goodputs.items():
         nd = 3 if (g["measured"] or 1) < 1 else 2
-        out.append(f"| {dep} | {fmt(g['measured'], nd=nd)} | {fmt(g['simulated'], nd=nd)} | "
-                   f"{fmt(g['rel_err'], True)} |")
+        band = g.get("measured_band") or [None, None]
+        out.append(f"| {dep} | {fmt(g['measured'], nd=nd)} | {fmt(band[0], nd=nd)}–{fmt(band[1], nd=nd)} | "
+                   f"{fmt(g['simulated'], nd=nd)} | {fmt(g['rel_err'], True)} |")
     out += ["", f"Median absolute error: TTFT p50 {pct(summary['median_abs_err_ttft_p50'])}, TTFT p90 "
                 f"{pct(summary['median_abs_err_ttft_p90'])}, TPOT p50 "
                 f"{pct(summary['median_abs_err_tpot_p50'])}; every goodput within ±20 %: "
                 f"{'yes' if summary['goodput_within_20pct'] else 'no'}."]
+    att = summary.get("attainment")
+    if att and att["points"]:
+        out.append(f"SLO attainment, simulated − measured: median |difference| {att['median_abs_diff']:.2f}, within "
+                   f"0.10 at {att['within_0_10']} of {att['points']} points.")
     return "\n".join(out) + "\n"
 
 
@@ -220,7 +252,8 @@ def main() -> None:
         rows += rows_of(topology, meas, sim)
         gm = (meas or {}).get("goodput")
         goodputs[topology] = {"measured": gm, "simulated": sim.get("goodput"), "rel_err": rel(sim.get("goodput"), gm),
-                              "measured_how": (meas or {}).get("goodput_how"), "simulated_how": sim.get("goodput_how")}
+                              "measured_how": (meas or {}).get("goodput_how"), "simulated_how": sim.get("goodput_how"),
+                              "measured_band": list(goodput_band(meas))}
     print_table(rows, goodputs)
 
     def med(key):
@@ -230,10 +263,13 @@ def main() -> None:
     summary = {"median_abs_err_ttft_p50": med("median_ttft_ms"), "median_abs_err_ttft_p90": med("p90_ttft_ms"),
                "median_abs_err_tpot_p50": med("median_tpot_ms"),
                "goodput_within_20pct": all(g["rel_err"] is not None and abs(g["rel_err"]) <= 0.2
-                                           for g in goodputs.values())}
+                                           for g in goodputs.values()),
+               "attainment": attainment_summary(rows)}
+    att = summary["attainment"]
     print(f"\nmedian |error|: TTFT p50 {pct(summary['median_abs_err_ttft_p50'])}, TTFT p90 "
           f"{pct(summary['median_abs_err_ttft_p90'])}, TPOT p50 {pct(summary['median_abs_err_tpot_p50'])}; "
-          f"goodput within ±20 %: {summary['goodput_within_20pct']}")
+          f"goodput within ±20 %: {summary['goodput_within_20pct']}; SLO attainment within 0.10 at "
+          f"{att['within_0_10']} of {att['points']} points")
     (out / "validation.json").write_text(json.dumps({
         "model": str(args.model), "profile": str(args.profile), "dataset_name": args.dataset_name,
         "rates": args.rates, "num_prompts": args.num_prompts, "seed": args.seed, "goodput_slo": args.goodput,

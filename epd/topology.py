@@ -184,3 +184,9 @@ def from_counts(encoders: int, prefills: int, decodes: int) -> Topology:
     """The fully disaggregated topology with these instance counts (``epd up --encoders N``)."""
     parts = [f"{n}{c}" for n, c in ((encoders, "E"), (prefills, "P"), (decodes, "D")) if n]
     return parse_topology("-".join(parts))
+
+
+def file_part(deployment: str) -> str:
+    """A file-name part for a deployment: ``(E-P)-D`` → ``E-P-coloc-D`` (distinct from ``E-P-D``'s),
+    ``E-P-D@bfloat16`` → ``E-P-D-bfloat16``."""
+    return re.sub(r"\((.*?)\)", r"\1-coloc", deployment).replace("@", "-")

@@ -36,7 +36,6 @@ import asyncio
 import json
 import math
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -93,12 +92,6 @@ class Running:
             self.proc.wait()
 
 
-def file_part(deployment: str) -> str:
-    """A file-name part for a deployment: ``(E-P)-D`` → ``E-P-coloc-D`` (distinct from ``E-P-D``'s),
-    ``E-P-D@bfloat16`` → ``E-P-D-bfloat16``."""
-    return re.sub(r"\((.*?)\)", r"\1-coloc", deployment).replace("@", "-")
-
-
 def free_port() -> int:
     from epd.launcher import free_port as _free
 
@@ -130,7 +123,7 @@ def start_ours(topology: str, model: Path, log_dir: Path, startup_timeout_s: flo
         EndpointError: it exited or was not ready within ``startup_timeout_s``.
     """
     from epd.launcher import gateway_ready
-    from epd.topology import parse_topology
+    from epd.topology import file_part, parse_topology
 
     port = free_port()
     log = log_dir / f"{file_part(topology)}.log"

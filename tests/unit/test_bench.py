@@ -331,7 +331,7 @@ def test_ctrl_c_stops_the_run_and_still_writes_what_was_measured(tmp_path):
 
 
 def test_deployment_file_names_keep_colocation_distinct():
-    from epd.bench.compare import file_part
+    from epd.topology import file_part
 
     names = {file_part(t) for t in ("E-P-D", "(E-P)-D", "E-(P-D)", "EP-D", "E-P-D@bfloat16")}
     assert len(names) == 5 and "E-P-coloc-D" in names and "E-P-D-bfloat16" in names
