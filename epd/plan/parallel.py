@@ -140,14 +140,20 @@ def _worker(model: str, dtype: str, address: str, workers: int) -> None:
 def _colocated_rates(enc, pre, seconds: float) -> dict:
     """``{"solo": {"encode", "prefill"}, "together": {same}}`` (units/s): the encode and prefill
     units alone, then in two threads of this one process at once (as the encoder and prefill
-    loops of an ``EP`` process run)."""
+    loops of an ``EP`` process run); ``{"error": text}`` when a unit raised."""
     import threading
+
+    errors: list[str] = []
 
     def loop(fn, until, out, key):
         n, t0 = 0, time.perf_counter()
-        while time.perf_counter() < until:
-            fn()
-            n += 1
+        try:
+            while time.perf_counter() < until:
+                fn()
+                n += 1
+        except Exception as exc:  # reported to the caller, not lost with the thread
+            errors.append(f"{key}: {type(exc).__name__}: {exc}")
+            return
         out[key] = n / max(1e-9, time.perf_counter() - t0)
 
     solo: dict[str, float] = {}
@@ -161,6 +167,8 @@ def _colocated_rates(enc, pre, seconds: float) -> dict:
         t.start()
     for t in threads:
         t.join()
+    if errors:
+        return {"error": "; ".join(errors)}
     return {"solo": solo, "together": both}
 
 
@@ -254,10 +262,14 @@ def _rounds(model: Path, dtype: str, seconds: float, counts: list[int], pairs: l
                 solo[units[0] or units[1]] = max(rates)
             done.append((units, rates))
         colo = None
-        if colocated_seconds > 0:
+        for _ in range(2 if colocated_seconds > 0 else 0):  # once more if a unit raised
             procs[0].stdin.write(f"colocated {colocated_seconds}\n")
             procs[0].stdin.flush()
             colo = json.loads(procs[0].stdout.readline())
+            if "error" not in colo:
+                break
+        if colo is not None and "error" in colo:
+            raise RuntimeError(f"co-location probe failed twice: {colo['error']}")
         return out, done, colo
     finally:
         for c in conns:  # shutdown, not just close: the makefile()s keep the descriptor open

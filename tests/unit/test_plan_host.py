@@ -5,6 +5,7 @@ from its measurements and how the simulator applies them."""
 from __future__ import annotations
 
 import copy
+import time
 
 import pytest
 import simpy
@@ -199,3 +200,20 @@ def test_repetitions_merge_into_totals_and_median_latencies():
     assert got["itl_median_s"] == 0.004 and got["reps_itl_median_s"] == [0.004, 0.003, 0.009]
     assert got["concurrency"] == 1
     assert frontend._merge(reps[:2])["itl_median_s"] == pytest.approx(0.0035)  # two: their mean
+
+
+def test_colocation_probe_reports_a_unit_that_raises():
+    from epd.plan.parallel import _colocated_rates, colocation_efficiency
+
+    calls = {"n": 0}
+
+    def flaky():
+        calls["n"] += 1
+        if calls["n"] > 3:  # fine alone, fails in the threaded phase
+            raise ValueError("boom")
+
+    got = _colocated_rates(flaky, lambda: None, 0.05)
+    assert "error" in got and "encode: ValueError: boom" in got["error"]
+    fine = _colocated_rates(lambda: time.sleep(0.001), lambda: time.sleep(0.001), 0.05)
+    assert set(fine) == {"solo", "together"}
+    assert colocation_efficiency(fine)["process_colocation_efficiency"] > 0
