@@ -17,9 +17,9 @@ applies it per pair of running stages (:class:`epd.plan.shared.SharedDevice`).
 
 Run as ``python -m epd.plan.parallel MODEL DTYPE SOCKET N``, it loads the model, forks into N
 workers, each connected to the Unix socket SOCKET, and each works one round per ``run SECONDS AT
-[UNIT]`` line it reads (UNIT: ``mix`` — encode then prefill, the
-default — or one of :data:`STAGES`), printing its rate; ``colocated SECONDS`` measures two of its
-threads (:func:`_colocated_rates`).
+[UNIT]`` line it reads (UNIT: ``mix`` — encode then prefill, the default — or one of
+:data:`STAGES`), answering its rate; ``colocated SECONDS`` measures two of its threads
+(:func:`_colocated_rates`).
 """
 
 from __future__ import annotations
@@ -221,14 +221,28 @@ def _rounds(model: Path, dtype: str, seconds: float, counts: list[int], pairs: l
     conns: list = []
     procs: list = []
 
+    def tell(p, line: str) -> None:
+        """Send a worker one line; a worker that died raises with the workers' last error."""
+        try:
+            p.stdin.write(line + "\n")
+            p.stdin.flush()
+        except OSError:
+            raise RuntimeError(f"parallel probe worker exited mid-measurement: {log_tail()}") from None
+
+    def answer(p) -> str:
+        """A worker's next line; its end (a worker that died) raises with the workers' last error."""
+        line = p.stdout.readline()
+        if not line:
+            raise RuntimeError(f"parallel probe worker exited mid-measurement: {log_tail()}")
+        return line
+
     def round_(units: tuple[str, ...], secs: float = seconds) -> list[float]:
         """Each worker i works units[i] ("": rests, rate 0)."""
         at = time.time() + 0.2
         busy = [(p, unit) for p, unit in zip(procs, units, strict=False) if unit]
         for p, unit in busy:
-            p.stdin.write(f"run {secs} {at} {unit}\n")
-            p.stdin.flush()
-        rates = {id(p): float(p.stdout.readline().split()[-1]) for p, _ in busy}
+            tell(p, f"run {secs} {at} {unit}")
+        rates = {id(p): float(answer(p).split()[-1]) for p, _ in busy}
         return [rates.get(id(p), 0.0) for p in procs[:len(units)]]
 
     try:
@@ -263,9 +277,8 @@ def _rounds(model: Path, dtype: str, seconds: float, counts: list[int], pairs: l
             done.append((units, rates))
         colo = None
         for _ in range(2 if colocated_seconds > 0 else 0):  # once more if a unit raised
-            procs[0].stdin.write(f"colocated {colocated_seconds}\n")
-            procs[0].stdin.flush()
-            colo = json.loads(procs[0].stdout.readline())
+            tell(procs[0], f"colocated {colocated_seconds}")
+            colo = json.loads(answer(procs[0]))
             if "error" not in colo:
                 break
         if colo is not None and "error" in colo:
