@@ -8,6 +8,11 @@ sweep from the profile. Prints one table — TTFT p50/p90, TPOT p50 and SLO atta
 goodput per deployment, measured vs simulated with relative errors — and the median absolute
 errors; writes every JSON (measured and simulated) under ``--result-dir``.
 
+With ``--repeats N`` each deployment is measured on N fresh ``epd up`` s (repeat-major: every
+deployment once, then again), and the simulator is compared with their combination — median
+latencies, pooled SLO attainment, goodput from the pooled curve — with each repeat's range
+beside it: on a 2-vCPU VM one deployment can run 20 % faster than the next for its whole life.
+
 Measurements need an otherwise idle machine: with ``--wait-quiet FILE`` the script waits for FILE
 to exist before each deployment and records whether it still existed when that deployment's
 runs ended (``quiet`` in the JSON).
@@ -73,10 +78,11 @@ def workload_flags(args: argparse.Namespace, sim: bool = False) -> list[str]:
     return flags
 
 
-def measure(topology: str, args: argparse.Namespace, out_dir: Path) -> tuple[dict, list[str], bool]:
-    """``(result JSON, bench command, quiet the whole time)`` of one deployment's measured sweep."""
+def measure(topology: str, args: argparse.Namespace, out_dir: Path, tag: str = "") -> tuple[dict, list[str], bool]:
+    """``(result JSON, bench command, quiet the whole time)`` of one deployment's measured sweep
+    (on a fresh ``epd up``; ``tag`` ends the file names, e.g. ``.r2`` for a repeat)."""
     wait_quiet(args.wait_quiet)
-    name = file_name(topology)
+    name = file_name(topology) + tag
     run = start_ours(topology, Path(args.model), out_dir, 240.0)
     try:
         cmd = [EPD, "bench", "serve", "--base-url", run.url, "--model", str(args.model), *workload_flags(args),
@@ -89,6 +95,48 @@ def measure(topology: str, args: argparse.Namespace, out_dir: Path) -> tuple[dic
         run.stop()
     quiet = os.path.exists(args.wait_quiet) if args.wait_quiet else None
     return json.loads((out_dir / f"measured-{name}.json").read_text()), cmd, quiet
+
+
+LATENCY_KEYS = ("median_ttft_ms", "p90_ttft_ms", "median_tpot_ms")
+
+
+def combine(runs: list[dict], target: float = 0.9) -> dict:
+    """One measured sweep from repeats of it, each on a fresh deployment: per rate, the median over
+    the repeats of TTFT p50/p90 and TPOT p50, and the pooled SLO attainment (requests that met
+    the SLO ÷ requests sent, over every repeat); goodput from the pooled attainment curve
+    (:func:`epd.bench.metrics.goodput_from_sweep`). Each repeat's own figures stay in
+    ``repeats`` (a deployment's speed varies from one ``epd up`` to the next by as much as the
+    simulator's target; the comparison is with what the deployment does typically).
+
+    Raises:
+        ValueError: no runs, or runs whose rates differ.
+    """
+    from epd.bench.metrics import goodput_from_sweep
+
+    if not runs:
+        raise ValueError("combine needs at least one run")
+    rates = [[e["request_rate"] for e in r["sweep"]] for r in runs]
+    if any(x != rates[0] for x in rates):
+        raise ValueError(f"repeats swept different rates: {rates}")
+    sweep = []
+    for i, rate in enumerate(rates[0]):
+        entries = [r["sweep"][i] for r in runs]
+        row = {"request_rate": rate}
+        for key in LATENCY_KEYS:
+            vals = [e[key] for e in entries if e.get(key) is not None]
+            row[key] = statistics.median(vals) if vals else None
+        sent = [e.get("completed", 0) + e.get("failed", 0) for e in entries]
+        att = [e.get("slo_attainment") for e in entries]
+        if all(a is not None for a in att) and sum(sent):
+            row["slo_attainment"] = sum(a * n for a, n in zip(att, sent, strict=True)) / sum(sent)
+        row["completed"] = sum(e.get("completed", 0) for e in entries)
+        row["failed"] = sum(e.get("failed", 0) for e in entries)
+        sweep.append(row)
+    pts = [(e["request_rate"], e["slo_attainment"]) for e in sweep if e.get("slo_attainment") is not None]
+    goodput, how = goodput_from_sweep(pts, target) if pts else (None, "no attainment")
+    return {"sweep": sweep, "goodput": goodput, "goodput_how": how,
+            "repeats": [{"goodput": r.get("goodput"), "sweep": [{k: e.get(k) for k in (
+                "request_rate", *LATENCY_KEYS, "slo_attainment", "completed")} for e in r["sweep"]]} for r in runs]}
 
 
 def simulate(topology: str, args: argparse.Namespace, out_dir: Path) -> tuple[dict, list[str]]:
@@ -122,6 +170,10 @@ def rows_of(topology: str, meas: dict | None, sim: dict) -> list[dict]:
         row = {"deployment": topology, "rate": rate}
         for key in ("median_ttft_ms", "p90_ttft_ms", "median_tpot_ms", "slo_attainment"):
             row[key] = {"measured": m.get(key), "simulated": s.get(key), "rel_err": rel(s.get(key), m.get(key))}
+            each = [e.get(key) for r in (meas or {}).get("repeats", []) for e in r["sweep"]
+                    if e["request_rate"] == rate and e.get(key) is not None]
+            if each:  # the repeats' range: how much fresh deployments differ
+                row[key]["repeats_range"] = [min(each), max(each)]
         row["completed"] = {"measured": m.get("completed"), "simulated": s.get("completed")}
         out.append(row)
     return out
@@ -175,7 +227,9 @@ def print_table(rows: list[dict], goodputs: dict) -> None:
         band = g.get("measured_band") or [None, None]
         print(f"{dep:<10} {fmt(g['measured'], nd=2):>12} {fmt(g['simulated'], nd=2):>8} {fmt(g['rel_err'], True):>6}"
               f"   ({g.get('measured_how') or '–'} / {g.get('simulated_how')}; measured ±1 request per rate: "
-              f"{fmt(band[0], nd=2)}–{fmt(band[1], nd=2)})")
+              f"{fmt(band[0], nd=2)}–{fmt(band[1], nd=2)}"
+              + (f"; each repeat: {', '.join(fmt(x, nd=2) for x in g['measured_repeats'])}" if g.get("measured_repeats")
+                 else "") + ")")
 
 
 def markdown(rows: list[dict], goodputs: dict, summary: dict, title: str) -> str:
@@ -183,19 +237,25 @@ def markdown(rows: list[dict], goodputs: dict, summary: dict, title: str) -> str
     out = [f"**{title}**", "",
            "| deployment | req/s | TTFT p50 ms meas / sim | TTFT p90 ms meas / sim | TPOT p50 ms meas / sim "
            "| attainment meas / sim |", "|---|---|---|---|---|---|"]
+    def meas(cell: dict, nd: int = 0) -> str:  # measured, with the repeats' range when there were repeats
+        lo_hi = cell.get("repeats_range")
+        return fmt(cell["measured"], nd=nd) + (f" ({fmt(lo_hi[0], nd=nd)}–{fmt(lo_hi[1], nd=nd)})" if lo_hi else "")
+
     for r in rows:
         t50, t90, tp, at = r["median_ttft_ms"], r["p90_ttft_ms"], r["median_tpot_ms"], r["slo_attainment"]
-        out.append(f"| {r['deployment']} | {r['rate']:g} | {fmt(t50['measured'])} / {fmt(t50['simulated'])} "
-                   f"({fmt(t50['rel_err'], True)}) | {fmt(t90['measured'])} / {fmt(t90['simulated'])} "
-                   f"({fmt(t90['rel_err'], True)}) | {fmt(tp['measured'], nd=1)} / {fmt(tp['simulated'], nd=1)} "
-                   f"({fmt(tp['rel_err'], True)}) | {fmt(at['measured'], nd=2)} / {fmt(at['simulated'], nd=2)} |")
-    out += ["", "| deployment | goodput req/s measured | ±1 request per rate | simulated | error |",
-            "|---|---|---|---|---|"]
+        out.append(f"| {r['deployment']} | {r['rate']:g} | {meas(t50)} / {fmt(t50['simulated'])} "
+                   f"({fmt(t50['rel_err'], True)}) | {meas(t90)} / {fmt(t90['simulated'])} "
+                   f"({fmt(t90['rel_err'], True)}) | {meas(tp, 1)} / {fmt(tp['simulated'], nd=1)} "
+                   f"({fmt(tp['rel_err'], True)}) | {meas(at, 2)} / {fmt(at['simulated'], nd=2)} |")
+    repeated = any(g.get("measured_repeats") for g in goodputs.values())
+    out += ["", "| deployment | goodput req/s measured | ±1 request per rate | simulated | error |"
+            + (" each repeat |" if repeated else ""), "|---|---|---|---|---|" + ("---|" if repeated else "")]
     for dep, g in goodputs.items():
         nd = 3 if (g["measured"] or 1) < 1 else 2
         band = g.get("measured_band") or [None, None]
+        each = ", ".join(fmt(x, nd=nd) for x in g.get("measured_repeats") or [])
         out.append(f"| {dep} | {fmt(g['measured'], nd=nd)} | {fmt(band[0], nd=nd)}–{fmt(band[1], nd=nd)} | "
-                   f"{fmt(g['simulated'], nd=nd)} | {fmt(g['rel_err'], True)} |")
+                   f"{fmt(g['simulated'], nd=nd)} | {fmt(g['rel_err'], True)} |" + (f" {each} |" if repeated else ""))
     out += ["", f"Median absolute error: TTFT p50 {pct(summary['median_abs_err_ttft_p50'])}, TTFT p90 "
                 f"{pct(summary['median_abs_err_ttft_p90'])}, TPOT p50 "
                 f"{pct(summary['median_abs_err_tpot_p50'])}; every goodput within ±20 %: "
@@ -225,7 +285,12 @@ def main() -> None:
     ap.add_argument("--result-dir", required=True)
     ap.add_argument("--sim-only", action="store_true", help="reuse measured-*.json already in --result-dir")
     ap.add_argument("--wait-quiet", help="measure only while this file exists (waits for it)")
+    ap.add_argument("--repeats", type=int, default=1, help="measure each deployment on this many fresh epd ups "
+                    "(repeat-major order) and compare the simulator with their combination (median latencies, "
+                    "pooled SLO attainment)")
     args = ap.parse_args()
+    if args.repeats < 1:
+        ap.error(f"--repeats must be at least 1, got {args.repeats}")
     args.model = Path(args.model).expanduser()
     out = Path(args.result_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -235,25 +300,37 @@ def main() -> None:
         before = json.loads(previous.read_text())
         quiet = dict(before.get("quiet", {}))
         commands = {k: v for k, v in before.get("commands", {}).items() if k.startswith("measured")}
-    for topology in [t.strip() for t in args.deployments.split(",") if t.strip()]:
-        name = file_name(topology)
-        meas = None
-        if args.sim_only:
-            path = out / f"measured-{name}.json"
-            meas = json.loads(path.read_text()) if path.is_file() else None
-        else:
-            t0 = time.perf_counter()
-            meas, cmd, q = measure(topology, args, out)
-            commands[f"measured {topology}"] = shlex.join(cmd)
-            quiet[topology] = q
-            print(f"measured {topology} in {time.perf_counter() - t0:.0f} s (quiet: {q})", flush=True)
+    topologies = [t.strip() for t in args.deployments.split(",") if t.strip()]
+    measured: dict[str, dict | None] = {}
+    if args.sim_only:
+        for topology in topologies:
+            path = out / f"measured-{file_name(topology)}.json"
+            measured[topology] = json.loads(path.read_text()) if path.is_file() else None
+    else:
+        runs: dict[str, list[dict]] = {t: [] for t in topologies}
+        for k in range(1, args.repeats + 1):  # repeat-major: slow drift of the machine spreads over all
+            for topology in topologies:
+                tag = f".r{k}" if args.repeats > 1 else ""
+                t0 = time.perf_counter()
+                meas, cmd, q = measure(topology, args, out, tag)
+                runs[topology].append(meas)
+                commands[f"measured {topology}{tag}"] = shlex.join(cmd)
+                quiet[topology + tag] = q
+                print(f"measured {topology}{tag} in {time.perf_counter() - t0:.0f} s (quiet: {q})", flush=True)
+        for topology in topologies:
+            measured[topology] = runs[topology][0] if args.repeats == 1 else combine(runs[topology])
+            if args.repeats > 1:
+                (out / f"measured-{file_name(topology)}.json").write_text(json.dumps(measured[topology], indent=2))
+    for topology in topologies:
+        meas = measured[topology]
         sim, cmd = simulate(topology, args, out)
         commands[f"simulated {topology}"] = shlex.join(cmd)
         rows += rows_of(topology, meas, sim)
         gm = (meas or {}).get("goodput")
         goodputs[topology] = {"measured": gm, "simulated": sim.get("goodput"), "rel_err": rel(sim.get("goodput"), gm),
                               "measured_how": (meas or {}).get("goodput_how"), "simulated_how": sim.get("goodput_how"),
-                              "measured_band": list(goodput_band(meas))}
+                              "measured_band": list(goodput_band(meas)),
+                              "measured_repeats": [r.get("goodput") for r in (meas or {}).get("repeats", [])]}
     print_table(rows, goodputs)
 
     def med(key):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -47,8 +48,9 @@ def add_profile_parser(sub) -> None:
     p.add_argument("--dtype", default="auto", help="auto (EPD_DTYPE's rule), float32, bfloat16, float16")
     p.add_argument("--threads", type=_int_list, default=sorted({1, cores}),
                    help=f"torch thread counts to profile (default 1,{cores}: one core and all of them)")
-    p.add_argument("--transfer-backend", default="mooncake", choices=["mooncake", "shm"],
-                   help="backend whose transfer time is measured (EPD_TRANSFER_BACKEND)")
+    p.add_argument("--transfer-backend", default=os.environ.get("EPD_TRANSFER_BACKEND") or "shm",
+                   choices=["mooncake", "shm"], help="backend whose transfer time is measured (default: "
+                   "EPD_TRANSFER_BACKEND, else shm — what epd up uses on cpu)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--reps", type=int, default=3, help="timed runs per sample (median)")
     p.add_argument("--quick", action="store_true", help="fewer samples (smoke tests)")
