@@ -93,6 +93,8 @@ def measure(topology: str, args: argparse.Namespace, out_dir: Path, tag: str = "
             subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT)
     finally:
         run.stop()
+        if tag:  # keep each repeat's epd up log
+            Path(run.log).replace(out_dir / f"{name}.log")
     quiet = os.path.exists(args.wait_quiet) if args.wait_quiet else None
     return json.loads((out_dir / f"measured-{name}.json").read_text()), cmd, quiet
 

@@ -62,7 +62,9 @@ def add_profile_parser(sub) -> None:
 
 
 def _refit(args: argparse.Namespace) -> int:
-    """``epd profile --refit OLD --out NEW``: the samples of OLD fitted again (no measurement)."""
+    """``epd profile --refit OLD --out NEW``: the samples of OLD fitted again, and the services'
+    overheads derived again against the new fit from the deployment probe's stored runs (no
+    measurement)."""
     from epd.plan.profile import Profile, ProfileError
 
     try:
@@ -75,6 +77,17 @@ def _refit(args: argparse.Namespace) -> int:
         for t, m in per.items():
             print(f"{stage} ({t} thread{'s' if t > 1 else ''}): median relative error "
                   f"{100 * prof.stages[stage][t].median_rel_err:.1f} % -> {100 * m.median_rel_err:.1f} %")
+    runs = (new.device.get("front_end") or {}).get("runs")
+    if runs and "service" in new.host:
+        from dataclasses import replace
+
+        from epd.cores import split_cores
+        from epd.plan.frontend import service_overheads
+
+        cores = int(new.device.get("cores", 1))
+        threads = new.nearest_threads(split_cores([("encoder",), ("prefill",), ("decode",)], cores)[2])
+        new = replace(new, host={**new.host, "service": service_overheads(new, runs, threads)})
+        print(f"services beyond their forwards: {prof.host['service']} -> {new.host['service']}")
     print(f"wrote {new.save(Path(args.out).expanduser())}")
     return 0
 

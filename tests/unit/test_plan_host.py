@@ -217,3 +217,25 @@ def test_colocation_probe_reports_a_unit_that_raises():
     fine = _colocated_rates(lambda: time.sleep(0.001), lambda: time.sleep(0.001), 0.05)
     assert set(fine) == {"solo", "together"}
     assert colocation_efficiency(fine)["process_colocation_efficiency"] > 0
+
+
+def test_refit_derives_the_service_overheads_again_from_the_stored_probe_runs(tmp_path, capsys):
+    """The overheads are residuals against the fitted costs, so ``epd profile --refit`` derives
+    them again from the deployment probe's runs the profile stores (here: a real profile whose
+    overheads were blanked recovers them, the fit being the same)."""
+    import json
+    from pathlib import Path
+
+    from epd.cli import main
+
+    src = Path(__file__).resolve().parents[2] / "docs/plan/profile-tiny-avx512-v4.json"
+    raw = json.loads(src.read_text())
+    want = raw["host"]["service"]
+    assert want["decode_step_s"] > 0 and want["encode_image_s"] > 0
+    raw["host"]["service"] = dict.fromkeys(want, 0.0)
+    (tmp_path / "blank.json").write_text(json.dumps(raw))
+    with pytest.raises(SystemExit) as done:
+        main(["profile", "--refit", str(tmp_path / "blank.json"), "--out", str(tmp_path / "refit.json")])
+    assert done.value.code == 0 and "services beyond their forwards" in capsys.readouterr().out
+    got = Profile.load(tmp_path / "refit.json").host["service"]
+    assert got == pytest.approx(want, rel=1e-3, abs=1e-6)
