@@ -8,10 +8,11 @@ sweep from the profile. Prints one table — TTFT p50/p90, TPOT p50 and SLO atta
 goodput per deployment, measured vs simulated with relative errors — and the median absolute
 errors; writes every JSON (measured and simulated) under ``--result-dir``.
 
-With ``--repeats N`` each deployment is measured on N fresh ``epd up`` s (repeat-major: every
-deployment once, then again), and the simulator is compared with their combination — median
-latencies, pooled SLO attainment, goodput from the pooled curve — with each repeat's range
-beside it: on a 2-vCPU VM one deployment can run 20 % faster than the next for its whole life.
+With ``--repeats N`` each deployment is measured on N fresh ``epd up`` runs (repeat-major:
+every deployment once, then again), and the simulator is compared with their combination —
+median latencies, pooled SLO attainment, goodput from the pooled curve — with each repeat's
+range beside it: on a 2-vCPU VM one deployment can run 20 % faster than the next for its whole
+life.
 
 Measurements need an otherwise idle machine: with ``--wait-quiet FILE`` the script waits for FILE
 to exist before each deployment and records whether it still existed when that deployment's
