@@ -26,6 +26,12 @@ signed ``TokenDelta`` each) and scheduling; the one-token workloads' median TTFT
 simulator predicts for them, is the prefill's per-request and the encoder's per-image overhead.
 The engine-only profile does not see these (measured here on the tiny preset: about half a
 millisecond to a millisecond per decode step, a fifth to a half of a batch-1 step).
+
+The encoder's own log gives one more figure (:func:`encode_beside_decode`): its forward times
+(:data:`services.encoder.engine.ENCODED_MSG`) while ``image_one`` runs alone and while the same
+images run beside a decode stream (``beside``) — what a served encode loses to a served decode
+and its front end, which two bare processes do not show (tiny, measured here: 143.7 ms alone,
+156.1 ms beside a stream, ×0.92, where the bare pair probe gives ×0.98–1.03).
 """
 
 from __future__ import annotations
@@ -33,8 +39,10 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import re
 import statistics
 import time
+from datetime import datetime
 from pathlib import Path
 
 # (requests, output tokens, max concurrency) of each workload
@@ -42,7 +50,7 @@ TEXT_ONE = (24, 1, 2)
 TEXT_SERIAL = (2, 96, 1)
 TEXT_MANY = (8, 128, 4)
 IMAGE_ONE = (12, 1, 2)
-REPEATS = 2  # of every workload but TEXT_MANY; latencies are the median of the repetitions' medians
+REPEATS = 3  # of every workload, interleaved; latencies are the median of the repetitions' medians
 IMAGE_SIZE = (448, 448)
 PROMPT_TOKENS = 12  # about what "request N: say something about the weather" tokenizes to
 
@@ -149,24 +157,66 @@ def _merge(reps: list[dict]) -> dict:
 
 
 def _beside(url: str, model: str, seed: int) -> dict:
-    """``text_serial``'s stream and ``image_one``'s images (new ones) at the same time: the
-    stream's median inter-token latency and the images' median TTFT while the other runs."""
+    """``text_serial``'s stream and ``image_one``'s images (new ones, one at a time, so the
+    encoder runs one-image forwards throughout) at the same time: the stream's median inter-token
+    latency and the images' median TTFT while the other runs, and ``window``: ``time.time()``
+    from the start to the stream's end (the encoder's forwards in it ran beside the decode)."""
     from epd.bench.client import RunConfig, run_requests
 
     def cfg(c):
         return RunConfig(base_url=url, model=model, max_concurrency=c, ignore_eos=True, progress=False,
                          timeout_s=120.0)
 
-    async def both():
-        return await asyncio.gather(run_requests(cfg(TEXT_SERIAL[2]), _requests(TEXT_SERIAL, False, seed + 2)),
-                                    run_requests(cfg(IMAGE_ONE[2]), _requests(IMAGE_ONE, True, seed + 3)))
+    async def stream():
+        res = await run_requests(cfg(TEXT_SERIAL[2]), _requests(TEXT_SERIAL, False, seed + 2))
+        return res, time.time()
 
-    text, images = asyncio.run(both())
+    async def both():
+        return await asyncio.gather(stream(), run_requests(cfg(1), _requests(IMAGE_ONE, True, seed + 3)))
+
+    t0 = time.time()
+    (text, text_end), images = asyncio.run(both())
     itl = sorted(g for r in text.records for g in r.itl)
     ttft = sorted(r.ttft for r in images.records if r.success)
     if not itl or len(ttft) < len(images.records):
         raise RuntimeError("front-end probe: a request failed while the stream and the images ran together")
-    return {"itl_median_s": itl[len(itl) // 2], "ttft_median_s": ttft[len(ttft) // 2]}
+    return {"itl_median_s": itl[len(itl) // 2], "ttft_median_s": ttft[len(ttft) // 2], "window": (t0, text_end)}
+
+
+def _encoded_re() -> re.Pattern:
+    from services.encoder.engine import ENCODED_MSG
+
+    msg = re.escape(ENCODED_MSG).replace("%d", r"(\d+)").replace(r"%\.1f", r"([\d.]+)")
+    return re.compile(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) INFO encoder \S+: " + msg)
+
+
+def encoder_forwards(log: Path, windows: list[tuple[float, float]]) -> list[list[float]]:
+    """Per window, the milliseconds of each one-image forward the encoder logged
+    (:data:`services.encoder.engine.ENCODED_MSG` at INFO, its local-time stamp taken when the
+    forward ended) inside it; ``windows``: ``(start, end)`` in ``time.time()`` seconds."""
+    pattern = _encoded_re()
+    out: list[list[float]] = [[] for _ in windows]
+    with open(log, errors="replace") as f:
+        for line in f:
+            m = pattern.search(line)
+            if not m or int(m.group(3)) != 1:
+                continue
+            at = datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S").timestamp() + int(m.group(2)) / 1e3
+            for i, (t0, t1) in enumerate(windows):
+                if t0 <= at <= t1:
+                    out[i].append(float(m.group(4)))
+    return out
+
+
+def encode_beside_decode(runs: dict[str, dict]) -> float | None:
+    """The encoder's speed (≤ 1) while the decode serves a stream, measured on the deployment: its
+    median one-image forward in ``image_one`` (alone) ÷ in ``beside`` (during the stream); None
+    when the probe did not read both (an older profile, or fewer than 3 forwards beside)."""
+    alone = runs.get("image_one", {}).get("encode_forward_ms")
+    beside = runs.get("beside", {}).get("encode_forward_ms")
+    if not alone or not beside:
+        return None
+    return min(1.0, alone / beside)
 
 
 def decode_beside_encode(runs: dict[str, dict]) -> float:
@@ -282,7 +332,9 @@ def measure_front_end(model_dir: Path, dtype: str, seed: int = 0, log_dir: Path 
     Returns:
         ``{"gateway": {"request_s", "request_mbyte_s", "delivery_s", "token_s"}, "client": {same},
         "front_end_runs": {workload: its totals}, "gateway_idle_cpu": CPU s per s}``; seconds of
-        CPU per request, per MB of JPEG, per delivery (a decode step's tokens) and per token.
+        CPU per request, per MB of JPEG, per delivery (a decode step's tokens) and per token;
+        ``image_one`` and ``beside`` also carry ``encode_forward_ms``, the encoder's median
+        one-image forward read from its log (:func:`encoder_forwards`).
 
     Raises:
         EndpointError: the deployment did not start (its log is named); RuntimeError: a probe
@@ -302,15 +354,27 @@ def measure_front_end(model_dir: Path, dtype: str, seed: int = 0, log_dir: Path 
             time.sleep(1.0)
             idle = (cpu_s(gw) - g0) / (time.perf_counter() - t0)
             reps: dict[str, list[dict]] = {k: [] for k in ("text_one", "text_serial", "image_one", "beside")}
-            runs["text_many"] = _run(run.url, model, _requests(TEXT_MANY, False, seed), TEXT_MANY[2], gw)
+            windows: dict[str, list[tuple[float, float]]] = {"image_one": [], "beside": []}
+            reps["text_many"] = []
             for rep in range(REPEATS):  # interleaved, so a drift of the host's speed spreads over all
                 s = seed + 10 * rep
                 reps["text_one"].append(_run(run.url, model, _requests(TEXT_ONE, False, s), TEXT_ONE[2], gw))
                 reps["text_serial"].append(_run(run.url, model, _requests(TEXT_SERIAL, False, s), TEXT_SERIAL[2], gw))
+                reps["text_many"].append(_run(run.url, model, _requests(TEXT_MANY, False, s), TEXT_MANY[2], gw))
+                t0 = time.time()
                 reps["image_one"].append(_run(run.url, model, _requests(IMAGE_ONE, True, s), IMAGE_ONE[2], gw))
-                reps["beside"].append(_beside(run.url, model, s))
+                windows["image_one"].append((t0, time.time()))
+                got = _beside(run.url, model, s)
+                windows["beside"].append(got.pop("window"))
+                reps["beside"].append(got)
             runs |= {name: _merge(found) for name, found in reps.items()}
         finally:
             run.stop()
+        for name, spans in windows.items():  # the encoder's forwards, from its log
+            per_rep = encoder_forwards(run.log, spans)
+            every = [ms for rep in per_rep for ms in rep]
+            if len(every) >= 3:
+                runs[name]["encode_forward_ms"] = statistics.median(every)
+                runs[name]["reps_encode_forward_ms"] = [statistics.median(r) if r else None for r in per_rep]
     costs = solve(runs, idle)
     return {**costs, "front_end_runs": runs, "gateway_idle_cpu": idle}

@@ -11,28 +11,31 @@ cores (the *parallel efficiency*); the simulator shares the capacity at each ins
 of busy threads. :func:`colocation_efficiency` is the same for two roles' loops in
 threads of one process (an ``EP`` process): how much of its threads they get together.
 :func:`measure` also measures what one stage suffers from another running beside it in a second
-process (shared caches and memory bandwidth; measured here: a decode step of the tiny model runs
-~15 % slower while an encode runs on the other core, the encode ~4 % slower) — the simulator
-applies it per pair of running stages (:class:`epd.plan.shared.SharedDevice`).
+process (shared caches and memory bandwidth) with the duty-cycled pair probe of
+:mod:`epd.plan.slowdown`; the simulator applies it per pair of running stages
+(:class:`epd.plan.shared.SharedDevice`).
 
 Run as ``python -m epd.plan.parallel MODEL DTYPE SOCKET N``, it loads the model, forks into N
 workers, each connected to the Unix socket SOCKET, and each works one round per ``run SECONDS AT
 [UNIT]`` line it reads (UNIT: ``mix`` — encode then prefill, the default — or one of
-:data:`STAGES`), answering its rate; ``colocated SECONDS`` measures two of its threads
-(:func:`_colocated_rates`).
+:data:`STAGES`), answering its rate; ``windows UNIT [[START, END], …]`` works UNIT inside each
+wall-clock window and answers ``units [[start, end], …]``, every unit it ran;
+``colocated SECONDS`` measures two of its threads (:func:`_colocated_rates`).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-STAGES = ("encode", "prefill", "decode")
-DISTURBED = 0.4  # a pair round this far below capacity(2) (in solo-work units) is measured again
+from epd.plan.slowdown import STAGES, pairs, period_s, schedule, slowdown_table
+
+__all__ = ["STAGES", "measure", "colocation_efficiency"]
 
 
 def _units(model: str, dtype: str):
@@ -119,6 +122,10 @@ def _worker(model: str, dtype: str, address: str, workers: int) -> None:
     decode()
     say("ready")
     for line in rfile:
+        if line.startswith("windows "):
+            _, name, spans = line.split(" ", 2)
+            say("units " + json.dumps(_windows(units[name], json.loads(spans)), separators=(",", ":")))
+            continue
         cmd, seconds, *rest = line.split()
         if cmd == "colocated":
             say(json.dumps(_colocated_rates(encode, prefill, float(seconds))))
@@ -135,6 +142,18 @@ def _worker(model: str, dtype: str, address: str, workers: int) -> None:
         os._exit(0)  # a forked child: no interpreter teardown of the parent's state
     for pid in children:
         os.waitpid(pid, 0)
+
+
+def _windows(unit, spans: list[list[float]]) -> list[list[float]]:
+    """Work ``unit`` inside each wall-clock window ``[start, end]`` (starting units until ``end``);
+    ``[[start, end], …]`` (``time.time()`` seconds) of every unit run."""
+    done = []
+    for start, end in spans:
+        time.sleep(max(0.0, start - time.time()))
+        while (t := time.time()) < end:
+            unit()
+            done.append([t, time.time()])
+    return done
 
 
 def _colocated_rates(enc, pre, seconds: float) -> dict:
@@ -182,25 +201,21 @@ def colocation_efficiency(rates: dict) -> dict:
     return {"process_colocation_efficiency": s, "colocated_rates": rates}
 
 
-def _rounds(model: Path, dtype: str, seconds: float, counts: list[int], pairs: list[tuple[str, ...]] = (),
-            pair_seconds: float | None = None, retries: int = 2,
-            colocated_seconds: float = 0.0) -> tuple[dict[int, list[float]], list, dict | None]:
+def _rounds(model: Path, dtype: str, seconds: float, counts: list[int], pair_seconds: float = 0.0,
+            colocated_seconds: float = 0.0) -> tuple[dict[int, list[float]], dict, dict | None]:
     """``({k: rates (units/s) of k workers working the mixed unit at once} for each k in ``counts``,
-    [(units, their rates: worker i working units[i], all at once)] for each tuple in ``pairs``, in
-    order, :func:`_colocated_rates`' result or None)``:
-    max(counts) (at least 2 with pairs) workers load the model once; each round starts its
-    workers at the same instant; with ``colocated_seconds`` worker 0 then measures two of its
-    threads (all other workers idle).
-
-    A pair round (two stages at once, :func:`slowdown_rounds`) in which the two got less together
-    than the capacity curve says two busy processes get, by more than :data:`DISTURBED` — both
-    slowed as if they had shared one core — was disturbed by something else on the host (a
-    neighbour's burst) and is measured again at once, up to ``retries`` times; the last is kept."""
+    {(a, b): (a's units, b's units)} of each pair phase, :func:`_colocated_rates`' result or None)``:
+    max(counts) (at least 2 with ``pair_seconds``) workers load the model once; each round starts
+    its workers at the same instant. With ``pair_seconds``, each pair of stages of
+    :func:`epd.plan.slowdown.pairs` then runs on workers 0 and 1 for about that long on the duty
+    cycle of :func:`epd.plan.slowdown.schedule` (at least 3 cycles; its state length from each
+    stage's unit time, taken in a short solo round first), every unit timed. With
+    ``colocated_seconds`` worker 0 then measures two of its threads (all other workers idle)."""
     import socket
     import tempfile
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    n = max([*counts, *(len(u) for u in pairs)])
+    n = max([*counts, 2 if pair_seconds > 0 else 1])
     tmp = tempfile.TemporaryDirectory(prefix="epd-parallel-")
     address = os.path.join(tmp.name, "workers.sock")
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -262,19 +277,15 @@ def _rounds(model: Path, dtype: str, seconds: float, counts: list[int], pairs: l
             if not p.stdout.readline().startswith("ready"):
                 raise RuntimeError(f"parallel probe worker failed to warm up: {log_tail()}")
         out = {k: round_(("mix",) * k) for k in counts}
-        cap2 = min(2.0, sum(out[2]) / out[1][0]) if 1 in out and 2 in out else 2.0
-        done: list = []
-        solo: dict[str, float] = {}  # each stage's latest solo rate (all come before the pairs)
-        for units in pairs:
-            for _ in range(retries + 1):
-                rates = round_(units, pair_seconds or seconds)
-                if "" in units or not all(solo.get(u) for u in units):
-                    break
-                if sum(r / solo[u] for u, r in zip(units, rates, strict=True)) >= cap2 - DISTURBED:
-                    break
-            if "" in units:
-                solo[units[0] or units[1]] = max(rates)
-            done.append((units, rates))
+        phases: dict = {}
+        if pair_seconds > 0:
+            unit_s = {st: 1.0 / max(1e-9, round_((st, ""), 0.5)[0]) for st in STAGES}
+            for a, b in pairs():
+                state = period_s(unit_s, a, b)
+                first, second = schedule(time.time() + 0.2, state, max(3, math.ceil(pair_seconds / (3 * state))))
+                for p, unit, spans in ((procs[0], a, first), (procs[1], b, second)):
+                    tell(p, f"windows {unit} {json.dumps(spans)}")
+                phases[(a, b)] = tuple(json.loads(answer(p).split(" ", 1)[1]) for p in procs[:2])
         colo = None
         for _ in range(2 if colocated_seconds > 0 else 0):  # once more if a unit raised
             tell(procs[0], f"colocated {colocated_seconds}")
@@ -283,7 +294,7 @@ def _rounds(model: Path, dtype: str, seconds: float, counts: list[int], pairs: l
                 break
         if colo is not None and "error" in colo:
             raise RuntimeError(f"co-location probe failed twice: {colo['error']}")
-        return out, done, colo
+        return out, phases, colo
     finally:
         for c in conns:  # shutdown, not just close: the makefile()s keep the descriptor open
             try:
@@ -312,15 +323,15 @@ class _Peer:
 
 
 def measure(model: Path, dtype: str, cores: int, seconds: float = 4.0, extra: int = 3,
-            pair_seconds: float = 2.0, colocated_seconds: float = 0.0) -> dict:
+            pair_seconds: float = 4.0, colocated_seconds: float = 0.0) -> dict:
     """How much work this host does with ``k`` busy one-thread processes, for k = 1 … ``cores`` +
     ``extra`` (a deployment runs more processes than cores: E-P-D on 2 cores is three services
     plus the gateway and the client); with ≥ 2 cores also what each stage loses beside another
-    (:func:`slowdown_table`; rounds of ``pair_seconds`` in :func:`slowdown_rounds`' order: each
-    stage's unit — encode of an 802×652 photo, 128-token prefill, decode step of 4 × 256 tokens —
-    alone, and each pair of different stages in two processes at once, placed by the OS as it
-    places the services. On one core the two would time-share, which the capacity curve already
-    models); with ``colocated_seconds``, :func:`colocation_efficiency`'s keys too.
+    (:mod:`epd.plan.slowdown`: each pair of stages — an encode of an 802×652 photo, a 128-token
+    prefill, a decode step of 4 × 256 tokens — duty-cycled in two processes for about
+    ``pair_seconds``, placed by the OS as it places the services. On one core the two would
+    time-share, which the capacity curve already models); with ``colocated_seconds``,
+    :func:`colocation_efficiency`'s keys too.
 
     Returns:
         ``{"parallel_capacity": {k: Σ rates of k concurrent workers ÷ the rate of one alone},
@@ -328,60 +339,16 @@ def measure(model: Path, dtype: str, cores: int, seconds: float = 4.0, extra: in
         Capacity is in cores' worth of solo work. Measured on one 2-vCPU VM: 1.82 at k=2 but only
         1.38 at k=3 — three runnable processes on two cores lose a third of the second core to
         time-slicing and migration, which no per-core figure shows (another VM: 2.0 at k=2…4).
-        With ≥ 2 cores, also :func:`slowdown_table`'s keys.
+        With ≥ 2 cores, also :func:`epd.plan.slowdown.slowdown_table`'s keys.
     """
-    pairs = slowdown_rounds() if cores > 1 else []
-    rates, paired, colo = _rounds(model, dtype, seconds,
-                                  list(range(1, cores + extra + 1)) if cores > 1 else [1], pairs, pair_seconds,
-                                  colocated_seconds=colocated_seconds)
+    rates, phases, colo = _rounds(model, dtype, seconds, list(range(1, cores + extra + 1)) if cores > 1 else [1],
+                                  pair_seconds if cores > 1 else 0.0, colocated_seconds=colocated_seconds)
     solo = rates[1][0]
     capacity = {str(k): min(float(k), float(cores), sum(r) / solo) for k, r in rates.items()}
     eff = capacity.get(str(cores), 1.0) / cores if cores > 1 else 1.0
     return {"parallel_capacity": capacity, "parallel_efficiency": min(1.0, eff), "solo_rate": solo,
-            "parallel_rates": {str(k): r for k, r in rates.items()}, **(slowdown_table(paired) if pairs else {}),
+            "parallel_rates": {str(k): r for k, r in rates.items()}, **(slowdown_table(phases) if phases else {}),
             **(colocation_efficiency(colo) if colo else {})}
-
-
-def slowdown_rounds() -> list[tuple[str, ...]]:
-    """The order of :func:`measure`'s pair rounds: each stage alone (worker 0; ``""``: worker 1
-    rests), each pair of different stages at once, then each stage alone again in reverse order —
-    every pair round lies between solo rounds of both its stages, which :func:`slowdown_table`
-    interpolates (a linear drift of the host's speed cancels)."""
-    solo = [(st, "") for st in STAGES]
-    pairs = [(a, b) for i, a in enumerate(STAGES) for b in STAGES[i + 1:]]
-    return [*solo, *pairs, *solo[::-1]]
-
-
-def slowdown_table(rounds: list[tuple[tuple[str, ...], list[float]]]) -> dict:
-    """``{"slowdown": {victim: {co-runner: rate beside it ÷ rate alone, ≤ 1}}, "slowdown_rates":
-    {"a+b": {"alone": [a, b], "together": [a, b]}}}`` from rounds in :func:`slowdown_rounds`' order
-    (a round with one busy worker is a solo round). A stage's rate "alone" at a pair round is
-    interpolated linearly between its nearest solo rounds before and after (one of them when the
-    other is missing), so a drift of the host's speed over the measurement (seen here: ±10 % within
-    a minute on a shared VM) cancels."""
-    table: dict[str, dict[str, float]] = {st: {} for st in STAGES}
-    raw: dict[str, dict[str, list[float]]] = {}
-    solos: dict[str, list[tuple[int, float]]] = {}
-    for i, (units, rates) in enumerate(rounds):
-        busy = [(u, r) for u, r in zip(units, rates, strict=False) if u]
-        if len(busy) == 1:
-            solos.setdefault(busy[0][0], []).append((i, busy[0][1]))
-    for i, (units, rates) in enumerate(rounds):
-        if "" in units:
-            continue
-        alone = []
-        for w, stage in enumerate(units):
-            seen = solos.get(stage, [])
-            before = [x for x in seen if x[0] < i][-1:]
-            after = [x for x in seen if x[0] > i][:1]
-            if before and after:
-                (ib, rb), (ia, ra) = before[0], after[0]
-                alone.append(rb + (ra - rb) * (i - ib) / (ia - ib))
-            else:
-                alone.append((before or after or [(i, rates[w])])[0][1])
-            table[stage][units[1 - w]] = min(1.0, rates[w] / alone[w]) if alone[w] > 0 else 1.0
-        raw["+".join(units)] = {"alone": alone, "together": rates}
-    return {"slowdown": table, "slowdown_rates": raw}
 
 
 if __name__ == "__main__":

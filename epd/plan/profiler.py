@@ -25,8 +25,9 @@ time, on ``torch.set_num_threads(t)`` for each profiled thread count ``t``:
   skips it and the simulator falls back on the synthetic host figures);
 - **parallel efficiency** — the engine's work in ``cores`` one-thread processes at once vs one
   alone, and what each stage loses beside another in a second process
-  (:mod:`epd.plan.parallel`): how many effective cores the simulator shares, and the pairwise
-  slowdowns it applies.
+  (:mod:`epd.plan.parallel`, :mod:`epd.plan.slowdown`): how many effective cores the simulator
+  shares, and the pairwise slowdowns it applies; the encode and decode factors of each other are
+  then taken from the deployment probe instead (served loops, not bare ones).
 
 Each sample is the median of ``--reps`` runs after one warm-up. The same ``--seed`` gives the
 same inputs (images, token ids); times of course vary with the machine's state, so profile an
@@ -296,7 +297,7 @@ class Profiler:
 
         secs = 2.0 if self.quick else 4.0
         self.parallel = measure(self.model_dir, self.dtype, usable_cores(), seconds=secs * 0.45,
-                                pair_seconds=secs * 0.3, colocated_seconds=secs * 0.45)
+                                pair_seconds=secs, colocated_seconds=secs * 0.45)
 
     # -- result ---------------------------------------------------------------------------
     def _template(self) -> tuple[int, int]:
@@ -353,9 +354,13 @@ class Profiler:
             threads = prof.nearest_threads(split_cores([("encoder",), ("prefill",), ("decode",)], usable_cores())[2])
             runs = self.front_end_runs["runs"]
             prof.host["service"] = service_overheads(prof, runs, threads)
-            if "beside" in runs and prof.device.get("slowdown"):  # the deployment's own figure for D beside E
-                from epd.plan.frontend import decode_beside_encode
+            if "beside" in runs and prof.device.get("slowdown"):  # the deployment's own figures for D and E
+                from epd.plan.frontend import decode_beside_encode, encode_beside_decode
 
-                prof.device["slowdown"]["decode"]["encode"] = decode_beside_encode(runs)
-                prof.device["slowdown_source"] = {"decode by encode": "epd up probe", "others": "bare processes"}
+                slow, source = prof.device["slowdown"], {"decode by encode": "epd up probe (inter-token gaps)"}
+                slow["decode"]["encode"] = decode_beside_encode(runs)
+                if (enc := encode_beside_decode(runs)) is not None:
+                    slow["encode"]["decode"] = enc
+                    source["encode by decode"] = "epd up probe (the encoder's logged forwards)"
+                prof.device["slowdown_source"] = {**source, "others": "bare processes, duty-cycled pairs"}
         return prof

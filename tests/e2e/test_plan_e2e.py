@@ -34,11 +34,17 @@ def test_profile_then_plan_on_the_tiny_model(tiny_model, tmp_path):
     for who in ("gateway", "client"):
         costs = prof.front(who)
         assert costs["request_s"] + costs["request_mbyte_s"] > 0 and costs["delivery_s"] + costs["token_s"] > 0, who
+    # the encoder's forwards were read back from the deployment's log (its format and the probe's parser agree)
+    runs = raw["device"]["front_end"]["runs"]
+    assert 10 < runs["image_one"]["encode_forward_ms"] < 10_000
     # one-thread profile: a single core's worth, so no pairwise slowdown is measured unless the host has 2+ cores
     slow = raw["device"].get("slowdown")
     if slow is not None:
         assert set(slow) == {"encode", "prefill", "decode"}
         assert all(0 < v <= 1 for row in slow.values() for v in row.values())
+        if runs["beside"].get("encode_forward_ms"):  # the deployment's figure replaced the bare pair's
+            assert slow["encode"]["decode"] == pytest.approx(
+                min(1.0, runs["image_one"]["encode_forward_ms"] / runs["beside"]["encode_forward_ms"]))
 
     sim = subprocess.run(
         [sys.executable, "-m", "epd.cli", "plan", "--profile", str(out), "--topology", "E-P-D",

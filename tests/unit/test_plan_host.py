@@ -13,7 +13,6 @@ import simpy
 from epd.bench.metrics import compute_metrics
 from epd.plan import frontend
 from epd.plan.deployment import Deployment
-from epd.plan.parallel import STAGES, slowdown_rounds, slowdown_table
 from epd.plan.profile import Profile, ProfileError, decode_x
 from epd.plan.shared import SharedDevice
 from epd.plan.sim import simulate
@@ -47,30 +46,6 @@ def test_a_pairwise_slowdown_slows_the_victim_only_while_the_other_stage_runs():
     env2.process(job2("encode", "encode"))
     env2.run()
     assert out["decode"] == pytest.approx(1.0)  # roles of one process: its threads, not a co-runner
-
-
-def test_slowdown_table_compares_each_pair_with_solo_rounds_around_it():
-    rounds = slowdown_rounds()
-    assert len(rounds) == 3 + 3 + 3 and {r for r in rounds if "" not in r} == {
-        ("encode", "prefill"), ("encode", "decode"), ("prefill", "decode")}
-    speed = {"encode": 10.0, "prefill": 100.0, "decode": 200.0}
-    beside = {("decode", "encode"): 0.8, ("encode", "decode"): 0.9}
-    measured = []
-    for i, units in enumerate(rounds):
-        drift = 1.0 + 0.03 * i  # the host speeds up over the run; interpolation cancels it
-        rates = []
-        for w, stage in enumerate(units):
-            if not stage:
-                rates.append(0.0)
-                continue
-            other = units[1 - w]
-            rates.append(speed[stage] * drift * (beside.get((stage, other), 1.0) if other else 1.0))
-        measured.append((units, rates))
-    table = slowdown_table(measured)["slowdown"]
-    assert set(table) == set(STAGES)
-    assert table["decode"]["encode"] == pytest.approx(0.8, abs=0.003)
-    assert table["encode"]["decode"] == pytest.approx(0.9, abs=0.003)
-    assert table["prefill"]["encode"] == pytest.approx(1.0, abs=0.003)
 
 
 def _run(requests, tokens, gateway_s, client_s, wall_s=1.0, mbytes=0.0, itl=0.0, c=1):
