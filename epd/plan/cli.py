@@ -44,6 +44,9 @@ def add_profile_parser(sub) -> None:
     p.add_argument("--refit", metavar="PROFILE.json",
                    help="measure nothing: fit the cost models of this profile again from its stored samples "
                         "(a profile written by an older epd) and write the result to --out")
+    p.add_argument("--merge", nargs="+", metavar="PROFILE.json",
+                   help="measure nothing: merge these profiles of one model and device (taken at different times) "
+                        "into one, each measurement the median over them, and write it to --out")
     p.add_argument("--out", required=True, help="profile JSON to write")
     p.add_argument("--dtype", default="auto", help="auto (EPD_DTYPE's rule), float32, bfloat16, float16")
     p.add_argument("--threads", type=_int_list, default=sorted({1, cores}),
@@ -77,18 +80,27 @@ def _refit(args: argparse.Namespace) -> int:
         for t, m in per.items():
             print(f"{stage} ({t} thread{'s' if t > 1 else ''}): median relative error "
                   f"{100 * prof.stages[stage][t].median_rel_err:.1f} % -> {100 * m.median_rel_err:.1f} %")
-    runs = (new.device.get("front_end") or {}).get("runs")
-    if runs and "service" in new.host:
-        from dataclasses import replace
+    if (new.device.get("front_end") or {}).get("runs") and "service" in new.host:
+        from epd.plan.calibrate import apply_probe
 
-        from epd.cores import split_cores
-        from epd.plan.frontend import service_overheads
-
-        cores = int(new.device.get("cores", 1))
-        threads = new.nearest_threads(split_cores([("encoder",), ("prefill",), ("decode",)], cores)[2])
-        new = replace(new, host={**new.host, "service": service_overheads(new, runs, threads)})
+        new = apply_probe(new)
         print(f"services beyond their forwards: {prof.host['service']} -> {new.host['service']}")
     print(f"wrote {new.save(Path(args.out).expanduser())}")
+    return 0
+
+
+def _merge(args: argparse.Namespace) -> int:
+    """``epd profile --merge A B … --out M``: :func:`epd.plan.calibrate.merge` (no measurement)."""
+    from epd.plan.calibrate import merge
+    from epd.plan.profile import Profile, ProfileError
+
+    try:
+        prof = merge([Profile.load(Path(p).expanduser()) for p in args.merge])
+    except ProfileError as exc:
+        print(f"epd profile: {exc}", file=sys.stderr)
+        return 2
+    print(summary(prof))
+    print(f"wrote {prof.save(Path(args.out).expanduser())} (the median of {len(args.merge)} profiles)")
     return 0
 
 
@@ -99,6 +111,8 @@ def main_profile(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     if args.refit:
         return _refit(args)
+    if args.merge:
+        return _merge(args)
     try:
         if not args.model:
             raise PlanInputError("--model is required (or --refit PROFILE.json)")

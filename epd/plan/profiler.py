@@ -347,20 +347,8 @@ class Profiler:
             transfer=CostModel.fitted("transfer", self.transfer_samples), host=self.host, seed=self.seed,
             created=datetime.now().isoformat(timespec="seconds"),
         )
-        if hasattr(self, "front_end_runs"):  # the services' overheads, against the fitted costs
-            from epd.cores import split_cores
-            from epd.plan.frontend import service_overheads
+        if hasattr(self, "front_end_runs"):  # the services' overheads and served factors, against the fit
+            from epd.plan.calibrate import apply_probe
 
-            threads = prof.nearest_threads(split_cores([("encoder",), ("prefill",), ("decode",)], usable_cores())[2])
-            runs = self.front_end_runs["runs"]
-            prof.host["service"] = service_overheads(prof, runs, threads)
-            if "beside" in runs and prof.device.get("slowdown"):  # the deployment's own figures for D and E
-                from epd.plan.frontend import decode_beside_encode, encode_beside_decode
-
-                slow, source = prof.device["slowdown"], {"decode by encode": "epd up probe (inter-token gaps)"}
-                slow["decode"]["encode"] = decode_beside_encode(runs)
-                if (enc := encode_beside_decode(runs)) is not None:
-                    slow["encode"]["decode"] = enc
-                    source["encode by decode"] = "epd up probe (the encoder's logged forwards)"
-                prof.device["slowdown_source"] = {**source, "others": "bare processes, duty-cycled pairs"}
+            prof = apply_probe(prof)
         return prof

@@ -1,0 +1,86 @@
+"""``epd profile --merge``: several profiles of one model and device as one, each measurement the
+median over them; mismatched or scaled profiles are refused with the reason."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+
+from epd.cli import main
+from epd.plan.calibrate import apply_probe, merge
+from epd.plan.profile import CostModel, Profile, ProfileError
+
+SRC = Path(__file__).resolve().parents[2] / "docs/plan/profile-tiny-avx512-v4.json"
+
+
+def _drawn(raw: dict, speed: float, path: str) -> Profile:
+    """The stored profile as if measured with the host ``speed`` × slower: every engine sample,
+    probe latency and capacity point scaled."""
+    raw = copy.deepcopy(raw)
+    for per in raw["stages"].values():
+        for model in per.values():
+            for s in model["samples"]:
+                s["s"] *= speed
+    for run in raw["device"]["front_end"]["runs"].values():
+        for key in [k for k, v in run.items() if k.endswith("_median_s") and isinstance(v, float)]:
+            run[key] *= speed
+    raw["device"]["slowdown"]["prefill"]["encode"] = min(1.0, 0.9 * speed)
+    raw["host"]["gateway"]["token_s"] *= speed
+    prof = Profile.from_json(raw, path)
+    prof.path = path
+    return prof
+
+
+def test_merge_takes_the_median_of_each_measurement():
+    raw = json.loads(SRC.read_text())
+    profiles = [_drawn(raw, f, f"p{f}") for f in (1.3, 1.0, 0.9)]
+    got = merge(profiles)
+    middle = profiles[1]
+    for stage, per in middle.stages.items():
+        for t, model in per.items():
+            assert [s["s"] for s in got.stages[stage][t].samples] == pytest.approx([s["s"] for s in model.samples])
+            assert got.stages[stage][t].coef == pytest.approx(CostModel.fitted(stage, model.samples).coef,
+                                                              rel=1e-6, abs=1e-12)
+    runs = got.device["front_end"]["runs"]
+    assert runs["image_one"]["ttft_median_s"] == pytest.approx(raw["device"]["front_end"]["runs"]["image_one"]
+                                                               ["ttft_median_s"])
+    assert got.device["slowdown"]["prefill"]["encode"] == pytest.approx(0.9)
+    assert got.host["gateway"]["token_s"] == pytest.approx(raw["host"]["gateway"]["token_s"])
+    assert [m["path"] for m in got.device["merged_from"]] == ["p1.3", "p1.0", "p0.9"]
+    # the services' overheads are derived against the merged fit: the middle draw's, as a refit gives
+    assert got.host["service"] == pytest.approx(apply_probe(middle.refitted()).host["service"], rel=1e-3, abs=1e-6)
+
+
+def test_merge_refuses_mismatched_scaled_or_single_profiles():
+    raw = json.loads(SRC.read_text())
+    a = _drawn(raw, 1.0, "a.json")
+    other = copy.deepcopy(raw)
+    other["dtype"] = "float32"
+    b = Profile.from_json(other, "b.json")
+    b.path = "b.json"
+    with pytest.raises(ProfileError, match="b.json .*float32.* with a.json .*bfloat16"):
+        merge([a, b])
+    with pytest.raises(ProfileError, match="at least two"):
+        merge([a])
+    scaled = a.scaled({"encode": 0.5}, "test")
+    with pytest.raises(ProfileError, match="scaled"):
+        merge([a, scaled])
+
+
+def test_cli_merge_writes_a_profile_or_exits_2(tmp_path, capsys):
+    raw = json.loads(SRC.read_text())
+    paths = []
+    for f in (1.2, 1.0):
+        path = tmp_path / f"p{f}.json"
+        _drawn(raw, f, str(path)).save(path)
+        paths.append(str(path))
+    with pytest.raises(SystemExit) as done:
+        main(["profile", "--merge", *paths, "--out", str(tmp_path / "m.json")])
+    assert done.value.code == 0 and "the median of 2 profiles" in capsys.readouterr().out
+    assert len(Profile.load(tmp_path / "m.json").device["merged_from"]) == 2
+    with pytest.raises(SystemExit) as done:
+        main(["profile", "--merge", paths[0], "--out", str(tmp_path / "m1.json")])
+    assert done.value.code == 2 and "at least two" in capsys.readouterr().err
