@@ -39,11 +39,11 @@ from __future__ import annotations
 import asyncio
 import os
 import random
-import re
 import statistics
 import time
-from datetime import datetime
 from pathlib import Path
+
+from epd.plan.servicelog import decode_steps, encoder_forwards, median_by_window
 
 # (requests, output tokens, max concurrency) of each workload
 TEXT_ONE = (24, 1, 2)
@@ -183,31 +183,6 @@ def _beside(url: str, model: str, seed: int) -> dict:
     return {"itl_median_s": itl[len(itl) // 2], "ttft_median_s": ttft[len(ttft) // 2], "window": (t0, text_end)}
 
 
-def _encoded_re() -> re.Pattern:
-    from services.encoder.engine import ENCODED_MSG
-
-    msg = re.escape(ENCODED_MSG).replace("%d", r"(\d+)").replace(r"%\.1f", r"([\d.]+)")
-    return re.compile(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) INFO encoder \S+: " + msg)
-
-
-def encoder_forwards(log: Path, windows: list[tuple[float, float]]) -> list[list[float]]:
-    """Per window, the milliseconds of each one-image forward the encoder logged
-    (:data:`services.encoder.engine.ENCODED_MSG` at INFO, its local-time stamp taken when the
-    forward ended) inside it; ``windows``: ``(start, end)`` in ``time.time()`` seconds."""
-    pattern = _encoded_re()
-    out: list[list[float]] = [[] for _ in windows]
-    with open(log, errors="replace") as f:
-        for line in f:
-            m = pattern.search(line)
-            if not m or int(m.group(3)) != 1:
-                continue
-            at = datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S").timestamp() + int(m.group(2)) / 1e3
-            for i, (t0, t1) in enumerate(windows):
-                if t0 <= at <= t1:
-                    out[i].append(float(m.group(4)))
-    return out
-
-
 def encode_beside_decode(runs: dict[str, dict]) -> float | None:
     """The encoder's speed (≤ 1) while the decode serves a stream, measured on the deployment: its
     median one-image forward in ``image_one`` (alone) ÷ in ``beside`` (during the stream); None
@@ -283,8 +258,12 @@ def service_overheads(prof, runs: dict[str, dict], threads: int) -> dict[str, fl
     """What the services spend beyond the engine's work, from the probe's runs on ``epd up``:
 
     - ``decode_step_s`` + ``decode_token_s`` × batch: the median inter-token latency of
-      ``text_serial`` (batch 1) and ``text_many`` (batch ``TEXT_MANY[2]``) less ``prof``'s decode
-      step at the context those requests had half-way (``threads``: the decode process's);
+      ``text_serial`` (batch 1) and ``text_many`` (batch ``TEXT_MANY[2]``) less the decode step
+      the service itself timed in those runs (``decode_step_ms``, from its log), or, in a
+      profile without it, ``prof``'s step at the context those requests had half-way
+      (``threads``: the decode process's). The service's own time is taken at the same minute:
+      against the engine's sample, a probe on a slow minute read 2.8 ms of "overhead" per step
+      that the sweeps did not show;
     - ``prefill_request_s``: the median TTFT of ``text_one`` less the simulator's for the same
       requests (front end, hops, prefill forward — everything the model knows);
     - ``encode_image_s``: the same for ``image_one``, after ``prefill_request_s``, less what the
@@ -307,7 +286,9 @@ def service_overheads(prof, runs: dict[str, dict], threads: int) -> dict[str, fl
         run = runs[name]
         out = run["tokens"] / max(1, run["requests"])
         ctx = int(prof.model.get("template_tokens", 0) + PROMPT_TOKENS + out / 2)
-        over.append(max(0.0, run["itl_median_s"] - prof.cost("decode", threads, decode_x(batch, ctx))))
+        step = run["decode_step_ms"] / 1e3 if run.get("decode_step_ms") else prof.cost(
+            "decode", threads, decode_x(batch, ctx))  # the served step's own time when the probe read it
+        over.append(max(0.0, run["itl_median_s"] - step))
     token = max(0.0, (over[1] - over[0]) / (TEXT_MANY[2] - 1))
     got = {"decode_step_s": max(0.0, over[0] - token), "decode_token_s": token, "prefill_request_s": 0.0,
            "encode_image_s": 0.0}
@@ -347,7 +328,8 @@ def measure_front_end(model_dir: Path, dtype: str, seed: int = 0, log_dir: Path 
         "front_end_runs": {workload: its totals}, "gateway_idle_cpu": CPU s per s}``; seconds of
         CPU per request, per MB of JPEG, per delivery (a decode step's tokens) and per token;
         ``image_one`` and ``beside`` also carry ``encode_forward_ms``, the encoder's median
-        one-image forward read from its log (:func:`encoder_forwards`).
+        one-image forward read from its log, and ``text_serial`` and ``text_many`` carry
+        ``decode_step_ms``, the decode's median step (:mod:`epd.plan.servicelog`).
 
     Raises:
         EndpointError: the deployment did not start (its log is named); RuntimeError: a probe
@@ -367,27 +349,27 @@ def measure_front_end(model_dir: Path, dtype: str, seed: int = 0, log_dir: Path 
             time.sleep(1.0)
             idle = (cpu_s(gw) - g0) / (time.perf_counter() - t0)
             reps: dict[str, list[dict]] = {k: [] for k in ("text_one", "text_serial", "image_one", "beside")}
-            windows: dict[str, list[tuple[float, float]]] = {"image_one": [], "beside": []}
+            windows: dict[str, list[tuple[float, float]]] = {k: [] for k in (*reps, "text_many")}
             reps["text_many"] = []
             for rep in range(REPEATS):  # interleaved, so a drift of the host's speed spreads over all
                 s = seed + 10 * rep
-                reps["text_one"].append(_run(run.url, model, _requests(TEXT_ONE, False, s), TEXT_ONE[2], gw))
-                reps["text_serial"].append(_run(run.url, model, _requests(TEXT_SERIAL, False, s), TEXT_SERIAL[2], gw))
-                reps["text_many"].append(_run(run.url, model, _requests(TEXT_MANY, False, s), TEXT_MANY[2], gw))
-                t0 = time.time()
-                reps["image_one"].append(_run(run.url, model, _requests(IMAGE_ONE, True, s), IMAGE_ONE[2], gw))
-                windows["image_one"].append((t0, time.time()))
+                for name, kind, images in (("text_one", TEXT_ONE, False), ("text_serial", TEXT_SERIAL, False),
+                                           ("text_many", TEXT_MANY, False), ("image_one", IMAGE_ONE, True)):
+                    t0 = time.time()
+                    reps[name].append(_run(run.url, model, _requests(kind, images, s), kind[2], gw))
+                    windows[name].append((t0, time.time()))
                 got = _beside(run.url, model, s)
                 windows["beside"].append(got.pop("window"))
                 reps["beside"].append(got)
             runs |= {name: _merge(found) for name, found in reps.items()}
         finally:
             run.stop()
-        for name, spans in windows.items():  # the encoder's forwards, from its log
-            per_rep = encoder_forwards(run.log, spans)
-            every = [ms for rep in per_rep for ms in rep]
-            if len(every) >= 3:
-                runs[name]["encode_forward_ms"] = statistics.median(every)
-                runs[name]["reps_encode_forward_ms"] = [statistics.median(r) if r else None for r in per_rep]
+        # the served forwards at the same minutes, from the services' own log lines
+        for key, read, names in (("encode_forward_ms", encoder_forwards, ("image_one", "beside")),
+                                 ("decode_step_ms", decode_steps, ("text_serial", "text_many"))):
+            for name in names:
+                every, per_rep = median_by_window(read(run.log, windows[name]))
+                if every is not None:
+                    runs[name][key], runs[name][f"reps_{key}"] = every, per_rep
     costs = solve(runs, idle)
     return {**costs, "front_end_runs": runs, "gateway_idle_cpu": idle}

@@ -8,6 +8,7 @@ the sockets. Requests join at the step after their KV arrives and leave when fin
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 
@@ -17,6 +18,10 @@ from epd.engine.decode_scheduler import DecodeRequest, DecodeScheduler, PendingA
 from epd.engine.kv_pool import KvPool
 from epd.engine.sampling import Sampler, SamplingParams, finish_reason
 from epd.models.qwen2_runner import Qwen2VLRunner
+
+logger = logging.getLogger(__name__)
+# one INFO line per finished request; epd profile's deployment probe reads it back (epd.plan.frontend)
+FINISHED_MSG = "request %s finished: %d tokens, %d steps of %.3f ms mean"
 
 
 @dataclass
@@ -36,8 +41,13 @@ class StepOutput:
 
 @dataclass
 class SeqContext:
+    """A decoding request's sampling state, and the seconds and count of the steps it was in
+    (each step timed from scheduling to the last sample: the forward and its bookkeeping)."""
+
     params: SamplingParams
     sampler: Sampler
+    step_s: float = 0.0
+    steps: int = 0
 
 
 class DecodeEngine:
@@ -74,6 +84,7 @@ class DecodeEngine:
         out = StepOutput(admitted=self.sched.admit())
         for req in self.sched.expired(time.time() if now is None else now):
             out.failed.append((req, "TIMEOUT", "decode: request timed out"))
+        t0 = time.perf_counter()
         batch, preempted = self.sched.schedule()
         for req in preempted:
             out.failed.append((req, "OUT_OF_CAPACITY",
@@ -98,4 +109,11 @@ class DecodeEngine:
             out.tokens.append((req, token, reason))
             if reason is not None:
                 self.sched.release(req.request_id)
+        dt = time.perf_counter() - t0
+        for req, _, reason in out.tokens:
+            req.ctx.step_s += dt
+            req.ctx.steps += 1
+            if reason is not None:
+                logger.info(FINISHED_MSG, req.request_id, len(req.tokens), req.ctx.steps,
+                            1e3 * req.ctx.step_s / req.ctx.steps)
         return out

@@ -37,6 +37,7 @@ def test_profile_then_plan_on_the_tiny_model(tiny_model, tmp_path):
     # the encoder's forwards were read back from the deployment's log (its format and the probe's parser agree)
     runs = raw["device"]["front_end"]["runs"]
     assert 10 < runs["image_one"]["encode_forward_ms"] < 10_000
+    assert 0.1 < runs["text_serial"]["decode_step_ms"] < 1_000 and 0.1 < runs["text_many"]["decode_step_ms"] < 1_000
     # one-thread profile: a single core's worth, so no pairwise slowdown is measured unless the host has 2+ cores
     slow = raw["device"].get("slowdown")
     if slow is not None:

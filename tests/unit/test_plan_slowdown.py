@@ -8,9 +8,11 @@ import time
 
 import pytest
 
-from epd.plan.frontend import encode_beside_decode, encoder_forwards
+from epd.plan.frontend import encode_beside_decode
 from epd.plan.parallel import _windows
+from epd.plan.servicelog import decode_steps, encoder_forwards, median_by_window
 from epd.plan.slowdown import STAGES, classify, pairs, period_s, schedule, slowdown_table
+from services.decode.core import FINISHED_MSG
 from services.encoder.engine import ENCODED_MSG
 
 
@@ -104,6 +106,19 @@ def test_encoder_forwards_are_read_from_the_log_by_window(tmp_path):
     log.write_text("\n".join(lines) + "\n")
     got = encoder_forwards(log, [(base + 1.0, base + 2.0), (base + 5.0, base + 6.0), (base + 9, base + 10)])
     assert got == [[140.0, 144.0], [160.0], []]  # two-image batches are left out
+    assert median_by_window(got) == (144.0, [142.0, 160.0, None])
+    assert median_by_window(got, least=4) == (None, [142.0, 160.0, None])
+
+
+def test_decode_steps_are_read_from_the_log_by_window(tmp_path):
+    base = float(int(time.time()))
+    lines = [_line(base + 1.1, "decode", FINISHED_MSG, "chatcmpl-1", 96, 95, 4.25),
+             _line(base + 1.2, "encoder", ENCODED_MSG, 1, 140.0),
+             _line(base + 1.3, "decode", FINISHED_MSG, "chatcmpl-2", 96, 95, 4.75),
+             _line(base + 3.5, "decode", FINISHED_MSG, "chatcmpl-3", 128, 127, 6.5)]
+    log = tmp_path / "up.log"
+    log.write_text("\n".join(lines) + "\n")
+    assert decode_steps(log, [(base + 1.0, base + 2.0), (base + 3.0, base + 4.0)]) == [[4.25, 4.75], [6.5]]
 
 
 def test_encode_beside_decode_is_the_ratio_of_the_medians_or_none():
