@@ -2,8 +2,8 @@
 
 :func:`apply_probe` turns the runs :mod:`epd.plan.frontend` stored in a profile
 (``device.front_end``) into what the simulator reads: the services' overheads against the
-profile's fitted costs (``host.service``) and the encode/decode factors of each other measured
-on the served loops (``device.slowdown``). ``epd profile`` calls it after fitting, ``--refit``
+profile's fitted costs (``host.service``) and the encoder's factor beside the decode measured on
+the served loops (``device.slowdown``). ``epd profile`` calls it after fitting, ``--refit``
 after fitting again, and :func:`merge` after merging.
 
 :func:`merge` (``epd profile --merge A.json B.json … --out M.json``) is for a host whose speed
@@ -25,8 +25,10 @@ from epd.plan.profile import CostModel, Profile, ProfileError
 
 def apply_probe(prof: Profile) -> Profile:
     """``prof`` with ``host.service`` derived again from its stored deployment-probe runs against
-    its fitted costs, and the decode-by-encode and (when the encoder's forwards were read)
-    encode-by-decode factors taken from them. A profile without probe runs is returned as it is.
+    its fitted costs, and (when the encoder's forwards were read) the encode-by-decode factor
+    taken from them; the decode-by-encode gap the deployment showed is recorded under
+    ``device.served_slowdown`` and not applied (:func:`epd.plan.frontend.decode_beside_encode`).
+    A profile without probe runs is returned as it is.
     """
     from epd.cores import split_cores
     from epd.plan.frontend import decode_beside_encode, encode_beside_decode, service_overheads
@@ -41,14 +43,14 @@ def apply_probe(prof: Profile) -> Profile:
     prof.host["service"] = service_overheads(prof, runs, threads)
     slow = prof.device.get("slowdown")
     if "beside" in runs and slow:
-        slow = {victim: dict(row) for victim, row in slow.items()}
-        source = {"decode by encode": "epd up probe (inter-token gaps)"}
-        slow["decode"]["encode"] = decode_beside_encode(runs)
+        prof.device["served_slowdown"] = {"decode by encode": decode_beside_encode(runs)}  # recorded only
+        source = {"others": "bare processes, duty-cycled pairs"}
         if (enc := encode_beside_decode(runs)) is not None:
+            slow = {victim: dict(row) for victim, row in slow.items()}
             slow["encode"]["decode"] = enc
-            source["encode by decode"] = "epd up probe (the encoder's logged forwards)"
-        prof.device["slowdown"] = slow
-        prof.device["slowdown_source"] = {**source, "others": "bare processes, duty-cycled pairs"}
+            prof.device["slowdown"] = slow
+            source = {"encode by decode": "epd up probe (the encoder's logged forwards)", **source}
+        prof.device["slowdown_source"] = source
     return prof
 
 

@@ -158,9 +158,11 @@ def _merge(reps: list[dict]) -> dict:
 
 def _beside(url: str, model: str, seed: int) -> dict:
     """``text_serial``'s stream and ``image_one``'s images (new ones, one at a time, so the
-    encoder runs one-image forwards throughout) at the same time: the stream's median inter-token
-    latency and the images' median TTFT while the other runs, and ``window``: ``time.time()``
-    from the start to the stream's end (the encoder's forwards in it ran beside the decode)."""
+    encoder runs one-image forwards back to back) at the same time: the stream's median
+    inter-token latency and the images' median TTFT while the other runs, and ``window``:
+    ``time.time()`` from the start to the stream's end (the encoder's forwards in it ran beside
+    the decode). Two at a time, the encoder batches some and its forward-per-image figure beside
+    the stream compared less cleanly with ``image_one``'s (three tiny profiles: ×0.74–0.85)."""
     from epd.bench.client import RunConfig, run_requests
 
     def cfg(c):
@@ -185,7 +187,7 @@ def _beside(url: str, model: str, seed: int) -> dict:
 
 def encode_beside_decode(runs: dict[str, dict]) -> float | None:
     """The encoder's speed (≤ 1) while the decode serves a stream, measured on the deployment: its
-    median one-image forward in ``image_one`` (alone) ÷ in ``beside`` (during the stream); None
+    median forward per image in ``image_one`` (alone) ÷ in ``beside`` (during the stream); None
     when the probe did not read both (an older profile, or fewer than 3 forwards beside)."""
     alone = runs.get("image_one", {}).get("encode_forward_ms")
     beside = runs.get("beside", {}).get("encode_forward_ms")
@@ -195,17 +197,19 @@ def encode_beside_decode(runs: dict[str, dict]) -> float | None:
 
 
 def decode_beside_encode(runs: dict[str, dict]) -> float:
-    """The decode's speed (≤ 1) while the encoder serves, measured on the deployment: the stream's
-    median inter-token latency alone (``text_serial``) ÷ beside the images (``beside``). A decode
-    step is timed directly by its inter-token gap, so the ratio is the step's slow-down; measured
-    here on the tiny preset 0.74–0.85, where two bare processes show 0.92–0.96
-    (:mod:`epd.plan.parallel`) — the service's encoder works on serving-sized images with the
-    front end's image handling beside it.
+    """The decode's speed (≤ 1) while the encoder serves, as the deployment shows it: the stream's
+    median inter-token latency alone (``text_serial``) ÷ beside the images (``beside``).
 
-    The images' TTFT beside the stream (kept in ``beside``) is not turned into an encoder factor:
-    it also holds the stream's front-end work and decode overhead, which the simulator models on
-    its own, and on tiny it over-predicted TTFT by 37 % (median) where the bare-process factor
-    gives 7 %."""
+    Recorded in the profile (``device.served_slowdown``), not applied: the gap beside the images
+    also holds the time-slicing with the gateway, the client and the prefill that the simulator
+    already shares the cores for, so applying it counts that twice. Measured on six tiny profiles
+    (0.59–0.75) against two 3-repeat sweeps, it put the simulated TPOT p50 10–95 % high, where the
+    bare duty-cycled pair's factor (:mod:`epd.plan.slowdown`) gave 5–48 % on the same profiles
+    (5–11 % on the four that met the TTFT target).
+
+    The images' TTFT beside the stream (kept in ``beside``) is not turned into an encoder factor
+    either: it also holds the stream's front-end work and decode overhead; the encoder's own
+    logged forwards are (:func:`encode_beside_decode`)."""
     return min(1.0, runs["text_serial"]["itl_median_s"] / runs["beside"]["itl_median_s"])
 
 
@@ -328,7 +332,7 @@ def measure_front_end(model_dir: Path, dtype: str, seed: int = 0, log_dir: Path 
         "front_end_runs": {workload: its totals}, "gateway_idle_cpu": CPU s per s}``; seconds of
         CPU per request, per MB of JPEG, per delivery (a decode step's tokens) and per token;
         ``image_one`` and ``beside`` also carry ``encode_forward_ms``, the encoder's median
-        one-image forward read from its log, and ``text_serial`` and ``text_many`` carry
+        forward per image read from its log, and ``text_serial`` and ``text_many`` carry
         ``decode_step_ms``, the decode's median step (:mod:`epd.plan.servicelog`).
 
     Raises:

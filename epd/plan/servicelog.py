@@ -4,7 +4,7 @@ from an ``epd up`` log, for the deployment probe (:mod:`epd.plan.frontend`).
 The lines are the services' own INFO records in :func:`epd.bootstrap`'s format (``DATE
 TIME,ms LEVEL ROLE LOGGER: message``, local time), behind the supervisor's prefix:
 
-- :data:`services.encoder.engine.ENCODED_MSG` — one per encoder batch, its forward in ms;
+- :data:`services.encoder.engine.ENCODED_MSG` — one per encoder batch, its images and forward in ms;
 - :data:`services.decode.core.FINISHED_MSG` — one per finished request, the mean time of the
   decode steps it was in (schedule, forward, sampling).
 
@@ -46,11 +46,11 @@ def _lines(log: Path, pattern: re.Pattern, windows: list[tuple[float, float]]) -
 
 
 def encoder_forwards(log: Path, windows: list[tuple[float, float]]) -> list[list[float]]:
-    """Per window, the milliseconds of each one-image forward the encoder logged in it (stamped
-    when the forward ended)."""
+    """Per window, the milliseconds per image of each forward the encoder logged in it (stamped
+    when the forward ended; a batch of n images gives its time ÷ n)."""
     from services.encoder.engine import ENCODED_MSG
 
-    return [[float(ms) for n, ms in found if int(n) == 1]
+    return [[float(ms) / int(n) for n, ms in found]
             for found in _lines(log, _pattern("encoder", ENCODED_MSG), windows)]
 
 
