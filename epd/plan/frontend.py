@@ -204,8 +204,8 @@ def decode_beside_encode(runs: dict[str, dict]) -> float:
     also holds the time-slicing with the gateway, the client and the prefill that the simulator
     already shares the cores for, so applying it counts that twice. Measured on six tiny profiles
     (0.59–0.75) against two 3-repeat sweeps, it put the simulated TPOT p50 10–95 % high, where the
-    bare duty-cycled pair's factor (:mod:`epd.plan.slowdown`) gave 5–48 % on the same profiles
-    (5–11 % on the four that met the TTFT target).
+    bare duty-cycled pair's factor (:mod:`epd.plan.slowdown`) gave 4.5–48 % on the same
+    profiles.
 
     The images' TTFT beside the stream (kept in ``beside``) is not turned into an encoder factor
     either: it also holds the stream's front-end work and decode overhead; the encoder's own

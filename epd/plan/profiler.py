@@ -26,8 +26,9 @@ time, on ``torch.set_num_threads(t)`` for each profiled thread count ``t``:
 - **parallel efficiency** — the engine's work in ``cores`` one-thread processes at once vs one
   alone, and what each stage loses beside another in a second process
   (:mod:`epd.plan.parallel`, :mod:`epd.plan.slowdown`): how many effective cores the simulator
-  shares, and the pairwise slowdowns it applies; the encode and decode factors of each other are
-  then taken from the deployment probe instead (served loops, not bare ones).
+  shares, and the pairwise slowdowns it applies; the encoder's factor beside the decode is then
+  taken from the deployment probe instead (the served loops' logged forwards,
+  :func:`epd.plan.calibrate.apply_probe`).
 
 Each sample is the median of ``--reps`` runs after one warm-up. The same ``--seed`` gives the
 same inputs (images, token ids); times of course vary with the machine's state, so profile an
