@@ -312,7 +312,7 @@ def service_overheads(prof, runs: dict[str, dict], threads: int) -> dict[str, fl
         want = runs[name]["ttft_median_s"]
         gap = lambda x, a=(kind, name, images, key), w=want: sim_ttft(*a, x) - w  # noqa: E731
         got[key] = 0.0 if gap(0.0) >= 0 else brentq(gap, 0.0, want, xtol=1e-5)
-    if forward := runs[name].get("encode_forward_ms"):  # the forward's own excess is the host's state, not the loop's
+    if forward := runs["image_one"].get("encode_forward_ms"):  # its excess is the host's state, not the loop's
         from epd.cores import split_cores
         from epd.plan.profile import encode_x
 

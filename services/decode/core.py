@@ -20,7 +20,7 @@ from epd.engine.sampling import Sampler, SamplingParams, finish_reason
 from epd.models.qwen2_runner import Qwen2VLRunner
 
 logger = logging.getLogger(__name__)
-# one INFO line per finished request; epd profile's deployment probe reads it back (epd.plan.frontend)
+# one INFO line per finished request; epd profile's deployment probe reads it back (epd.plan.servicelog)
 FINISHED_MSG = "request %s finished: %d tokens, %d steps of %.3f ms mean"
 
 
