@@ -5,11 +5,10 @@ On a VM the vCPUs may be SMT siblings of one physical core, and processes on dif
 still contend for caches and memory bandwidth, so ``cores`` busy one-thread processes often get
 less than ``cores`` times the work of one. :func:`measure` runs the engine's own work (an encode
 of a 224² photo and a 128-token prefill, in a loop) in one process alone, then in ``cores``
-processes at once, and so on up to a few more processes than cores, each count twice with
-solo rounds between (:func:`capacity_order`), and returns the work done per second in each case
-against the solo rounds around it (the *capacity curve*, in solo units; :func:`capacity_curve`)
-and ``e`` = capacity(cores) ÷ cores (the *parallel efficiency*); the simulator shares the
-capacity at each instant's number of busy threads. :func:`colocation_efficiency` is the same for two roles' loops in
+processes at once, and so on up to a few more processes than cores, and returns the work done
+per second in each case (the *capacity curve*, in solo units) and ``e`` = capacity(cores) ÷
+cores (the *parallel efficiency*); the simulator shares the capacity at each instant's number
+of busy threads. :func:`colocation_efficiency` is the same for two roles' loops in
 threads of one process (an ``EP`` process): how much of its threads they get together.
 :func:`measure` also measures what one stage suffers from another running beside it in a second
 process (shared caches and memory bandwidth) with the duty-cycled pair probe of
@@ -36,7 +35,7 @@ from pathlib import Path
 
 from epd.plan.slowdown import STAGES, pairs, period_s, schedule, slowdown_table
 
-__all__ = ["STAGES", "capacity_curve", "capacity_order", "measure", "colocation_efficiency"]
+__all__ = ["STAGES", "capacity_curve", "measure", "colocation_efficiency"]
 
 
 def _units(model: str, dtype: str):
@@ -192,21 +191,12 @@ def _colocated_rates(enc, pre, seconds: float) -> dict:
     return {"solo": solo, "together": both}
 
 
-def capacity_order(counts: list[int]) -> list[int]:
-    """The rounds of the capacity curve in the order run: solo, each k > 1 up, solo, each k > 1
-    down, solo (``[1, 2, 3, 4, 5, 1, 5, 4, 3, 2, 1]``). Each k runs twice, seconds apart, and the
-    mean of a palindrome cancels a linear drift."""
-    up = sorted(k for k in set(counts) if k > 1)
-    return [1, *up, 1, *reversed(up), 1] if up else [1]
-
-
 def capacity_curve(rounds: list[tuple[int, list[float]]], cores: int) -> tuple[dict[str, float], float]:
-    """``({k: capacity}, solo rate)`` from rounds in the order run (:func:`capacity_order`):
-    capacity(k) is the mean over k's rounds of the k workers' summed rate ÷ the solo rate at that
-    round, interpolated linearly (by round) between the solo rounds around it, capped at
-    ``min(k, cores)``; ``"1"`` is 1.0 and the solo rate the solo rounds' median. Measured here,
-    one profile's single solo round at the start ran 22.3 units/s and the next's 29.7, and two
-    workers' rounds seconds apart in one profile 46.5 and 57.2 units/s.
+    """``({k: capacity}, solo rate)`` from rounds in the order run (:func:`_rounds`): capacity(k)
+    is the k workers' summed rate ÷ the mean of the solo rounds just before and after it (so a
+    host drifting linearly between them cancels exactly; measured here, one profile's single solo
+    round at the start ran 22.3 units/s and the next's 29.7), capped at ``min(k, cores)``;
+    ``"1"`` is 1.0 and the solo rate the solo rounds' median.
 
     Raises:
         ValueError: no solo round.
@@ -216,18 +206,12 @@ def capacity_curve(rounds: list[tuple[int, list[float]]], cores: int) -> tuple[d
     solo = {i: r[0] for i, (k, r) in enumerate(rounds) if k == 1}
     if not solo:
         raise ValueError("capacity_curve: no solo round")
-
-    def solo_at(i: int) -> float:
-        j0, j1 = max((j for j in solo if j < i), default=None), min((j for j in solo if j > i), default=None)
-        if j0 is None or j1 is None:
-            return solo[j1 if j0 is None else j0]
-        return solo[j0] + (solo[j1] - solo[j0]) * (i - j0) / (j1 - j0)
-
-    ratios: dict[int, list[float]] = {}
+    capacity = {"1": 1.0}
     for i, (k, rates) in enumerate(rounds):
         if k > 1:
-            ratios.setdefault(k, []).append(sum(rates) / solo_at(i))
-    capacity = {"1": 1.0, **{str(k): min(float(k), float(cores), sum(r) / len(r)) for k, r in sorted(ratios.items())}}
+            around = (max((j for j in solo if j < i), default=None), min((j for j in solo if j > i), default=None))
+            near = [solo[j] for j in around if j is not None]
+            capacity[str(k)] = min(float(k), float(cores), sum(rates) * len(near) / sum(near))
     return capacity, statistics.median(solo.values())
 
 
@@ -246,8 +230,8 @@ def _rounds(model: Path, dtype: str, seconds: float, counts: list[int], pair_sec
     """``([(k, rates (units/s) of k workers working the mixed unit at once)] in the order run,
     {(a, b): (a's units, b's units)} of each pair phase, :func:`_colocated_rates`' result or None)``:
     max(counts) (at least 2 with ``pair_seconds``) workers load the model once; each round starts
-    its workers at the same instant. Each k runs twice, for ``seconds / 2``, in the order of
-    :func:`capacity_order`, for :func:`capacity_curve`. With ``pair_seconds``, each pair of stages of
+    its workers at the same instant. A solo round of ``seconds / 2`` runs before and after each
+    round of k > 1 workers (for :func:`capacity_curve`). With ``pair_seconds``, each pair of stages of
     :func:`epd.plan.slowdown.pairs` then runs on workers 0 and 1 for about that long on the duty
     cycle of :func:`epd.plan.slowdown.schedule` (at least 3 cycles; its state length from each
     stage's unit time, taken in a short solo round first), every unit timed. With
@@ -317,7 +301,9 @@ def _rounds(model: Path, dtype: str, seconds: float, counts: list[int], pair_sec
         for p in procs:
             if not p.stdout.readline().startswith("ready"):
                 raise RuntimeError(f"parallel probe worker failed to warm up: {log_tail()}")
-        out = [(k, round_(("mix",) * k, seconds / 2)) for k in capacity_order(counts)]
+        out = [(1, round_(("mix",), seconds / 2))]  # a solo round before and after each concurrent one
+        for k in (k for k in counts if k > 1):
+            out += [(k, round_(("mix",) * k)), (1, round_(("mix",), seconds / 2))]
         phases: dict = {}
         if pair_seconds > 0:
             unit_s = {st: 1.0 / max(1e-9, round_((st, ""), 0.5)[0]) for st in STAGES}
@@ -377,7 +363,7 @@ def measure(model: Path, dtype: str, cores: int, seconds: float = 4.0, extra: in
     Returns:
         ``{"parallel_capacity": {k: Σ rates of k concurrent workers ÷ the rate of one alone},
         "parallel_efficiency": capacity(cores) ÷ cores, "solo_rate": the solo rounds' median,
-        "parallel_rates": {k: every round's rates, one after the other}}``.
+        "parallel_rates": {k: rates; "1": each solo round's rate}}``.
         Capacity is in cores' worth of solo work. Measured on one 2-vCPU VM: 1.82 at k=2 but only
         1.38 at k=3 — three runnable processes on two cores lose a third of the second core to
         time-slicing and migration, which no per-core figure shows (another VM: 2.0 at k=2…4).
@@ -387,9 +373,7 @@ def measure(model: Path, dtype: str, cores: int, seconds: float = 4.0, extra: in
                                    pair_seconds if cores > 1 else 0.0, colocated_seconds=colocated_seconds)
     capacity, solo = capacity_curve(rounds, cores)
     eff = capacity.get(str(cores), 1.0) / cores if cores > 1 else 1.0
-    rates: dict[str, list[float]] = {}
-    for k, r in rounds:
-        rates.setdefault(str(k), []).extend(r[:1] if k == 1 else r)
+    rates = {"1": [r[0] for k, r in rounds if k == 1], **{str(k): r for k, r in rounds if k > 1}}
     return {"parallel_capacity": capacity, "parallel_efficiency": min(1.0, eff), "solo_rate": solo,
             "parallel_rates": rates, **(slowdown_table(phases) if phases else {}),
             **(colocation_efficiency(colo) if colo else {})}
