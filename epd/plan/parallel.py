@@ -35,7 +35,7 @@ from pathlib import Path
 
 from epd.plan.slowdown import STAGES, pairs, period_s, schedule, slowdown_table
 
-__all__ = ["STAGES", "capacity_curve", "measure", "colocation_efficiency"]
+__all__ = ["STAGES", "measure", "colocation_efficiency"]
 
 
 def _units(model: str, dtype: str):
@@ -191,30 +191,6 @@ def _colocated_rates(enc, pre, seconds: float) -> dict:
     return {"solo": solo, "together": both}
 
 
-def capacity_curve(rounds: list[tuple[int, list[float]]], cores: int) -> tuple[dict[str, float], float]:
-    """``({k: capacity}, solo rate)`` from rounds in the order run (:func:`_rounds`): capacity(k)
-    is the k workers' summed rate ÷ the mean of the solo rounds just before and after it (so a
-    host drifting linearly between them cancels exactly; measured here, one profile's single solo
-    round at the start ran 22.3 units/s and the next's 29.7), capped at ``min(k, cores)``;
-    ``"1"`` is 1.0 and the solo rate the solo rounds' median.
-
-    Raises:
-        ValueError: no solo round.
-    """
-    import statistics
-
-    solo = {i: r[0] for i, (k, r) in enumerate(rounds) if k == 1}
-    if not solo:
-        raise ValueError("capacity_curve: no solo round")
-    capacity = {"1": 1.0}
-    for i, (k, rates) in enumerate(rounds):
-        if k > 1:
-            around = (max((j for j in solo if j < i), default=None), min((j for j in solo if j > i), default=None))
-            near = [solo[j] for j in around if j is not None]
-            capacity[str(k)] = min(float(k), float(cores), sum(rates) * len(near) / sum(near))
-    return capacity, statistics.median(solo.values())
-
-
 def colocation_efficiency(rates: dict) -> dict:
     """``{"process_colocation_efficiency": s, "colocated_rates": rates}`` from
     :func:`_colocated_rates`' result: s = Σ (rate together ÷ rate alone) of an encode loop and a
@@ -226,12 +202,11 @@ def colocation_efficiency(rates: dict) -> dict:
 
 
 def _rounds(model: Path, dtype: str, seconds: float, counts: list[int], pair_seconds: float = 0.0,
-            colocated_seconds: float = 0.0) -> tuple[list[tuple[int, list[float]]], dict, dict | None]:
-    """``([(k, rates (units/s) of k workers working the mixed unit at once)] in the order run,
+            colocated_seconds: float = 0.0) -> tuple[dict[int, list[float]], dict, dict | None]:
+    """``({k: rates (units/s) of k workers working the mixed unit at once} for each k in ``counts``,
     {(a, b): (a's units, b's units)} of each pair phase, :func:`_colocated_rates`' result or None)``:
     max(counts) (at least 2 with ``pair_seconds``) workers load the model once; each round starts
-    its workers at the same instant. A solo round of ``seconds / 2`` runs before and after each
-    round of k > 1 workers (for :func:`capacity_curve`). With ``pair_seconds``, each pair of stages of
+    its workers at the same instant. With ``pair_seconds``, each pair of stages of
     :func:`epd.plan.slowdown.pairs` then runs on workers 0 and 1 for about that long on the duty
     cycle of :func:`epd.plan.slowdown.schedule` (at least 3 cycles; its state length from each
     stage's unit time, taken in a short solo round first), every unit timed. With
@@ -301,9 +276,7 @@ def _rounds(model: Path, dtype: str, seconds: float, counts: list[int], pair_sec
         for p in procs:
             if not p.stdout.readline().startswith("ready"):
                 raise RuntimeError(f"parallel probe worker failed to warm up: {log_tail()}")
-        out = [(1, round_(("mix",), seconds / 2))]  # a solo round before and after each concurrent one
-        for k in (k for k in counts if k > 1):
-            out += [(k, round_(("mix",) * k)), (1, round_(("mix",), seconds / 2))]
+        out = {k: round_(("mix",) * k) for k in counts}
         phases: dict = {}
         if pair_seconds > 0:
             unit_s = {st: 1.0 / max(1e-9, round_((st, ""), 0.5)[0]) for st in STAGES}
@@ -362,20 +335,19 @@ def measure(model: Path, dtype: str, cores: int, seconds: float = 4.0, extra: in
 
     Returns:
         ``{"parallel_capacity": {k: Σ rates of k concurrent workers ÷ the rate of one alone},
-        "parallel_efficiency": capacity(cores) ÷ cores, "solo_rate": the solo rounds' median,
-        "parallel_rates": {k: rates; "1": each solo round's rate}}``.
+        "parallel_efficiency": capacity(cores) ÷ cores, "solo_rate", "parallel_rates": {k: rates}}``.
         Capacity is in cores' worth of solo work. Measured on one 2-vCPU VM: 1.82 at k=2 but only
         1.38 at k=3 — three runnable processes on two cores lose a third of the second core to
         time-slicing and migration, which no per-core figure shows (another VM: 2.0 at k=2…4).
         With ≥ 2 cores, also :func:`epd.plan.slowdown.slowdown_table`'s keys.
     """
-    rounds, phases, colo = _rounds(model, dtype, seconds, list(range(1, cores + extra + 1)) if cores > 1 else [1],
-                                   pair_seconds if cores > 1 else 0.0, colocated_seconds=colocated_seconds)
-    capacity, solo = capacity_curve(rounds, cores)
+    rates, phases, colo = _rounds(model, dtype, seconds, list(range(1, cores + extra + 1)) if cores > 1 else [1],
+                                  pair_seconds if cores > 1 else 0.0, colocated_seconds=colocated_seconds)
+    solo = rates[1][0]
+    capacity = {str(k): min(float(k), float(cores), sum(r) / solo) for k, r in rates.items()}
     eff = capacity.get(str(cores), 1.0) / cores if cores > 1 else 1.0
-    rates = {"1": [r[0] for k, r in rounds if k == 1], **{str(k): r for k, r in rounds if k > 1}}
     return {"parallel_capacity": capacity, "parallel_efficiency": min(1.0, eff), "solo_rate": solo,
-            "parallel_rates": rates, **(slowdown_table(phases) if phases else {}),
+            "parallel_rates": {str(k): r for k, r in rates.items()}, **(slowdown_table(phases) if phases else {}),
             **(colocation_efficiency(colo) if colo else {})}
 
 

@@ -332,7 +332,7 @@ class Profiler:
         from epd.plan.parallel import measure
 
         secs = 2.0 if self.quick else 4.0
-        self.parallel = measure(self.model_dir, self.dtype, usable_cores(), seconds=secs * 0.375,
+        self.parallel = measure(self.model_dir, self.dtype, usable_cores(), seconds=secs * 0.45,
                                 pair_seconds=secs, colocated_seconds=secs * 0.45)
 
     # -- result ---------------------------------------------------------------------------

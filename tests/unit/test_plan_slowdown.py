@@ -127,20 +127,3 @@ def test_encode_beside_decode_is_the_ratio_of_the_medians_or_none():
     runs["beside"]["encode_forward_ms"] = 120.0
     assert encode_beside_decode(runs) == 1.0
     assert encode_beside_decode({"image_one": {}, "beside": {}}) is None
-
-
-def test_capacity_curve_divides_by_the_solo_rounds_around_each_round():
-    from epd.plan.parallel import capacity_curve
-
-    # a host slowing down over the probe: solo rounds at 30, 24, then 20 units/s
-    rounds = [(1, [30.0]), (2, [26.0, 25.0]), (1, [24.0]), (3, [14.0, 14.0, 14.0]), (1, [20.0]),
-              (4, [15.0] * 4), (5, [5.0] * 5)]
-    capacity, solo = capacity_curve(rounds, cores=2)
-    assert capacity["1"] == 1.0
-    assert capacity["2"] == pytest.approx(51.0 / 27.0)  # against the first solo round alone: 1.70
-    assert capacity["3"] == pytest.approx(42.0 / 22.0)
-    assert capacity["4"] == 2.0  # 60 / 20 = 3, capped at the cores
-    assert capacity["5"] == pytest.approx(25.0 / 20.0)  # no solo round after it: the one before
-    assert solo == 24.0
-    with pytest.raises(ValueError, match="no solo round"):
-        capacity_curve([(2, [1.0, 1.0])], cores=2)
