@@ -34,7 +34,7 @@ def test_profile_then_plan_on_the_tiny_model(tiny_model, tmp_path):
     assert set(drift) == {"encode", "decode"} and all(d["draws"] >= 10 for d in drift.values())
     for stage in STAGES:
         for s in prof.stages[stage][1].samples:
-            assert s["s"] == pytest.approx(s["s_raw"] * s["drift"], rel=1e-3) and 0.2 < s["drift"] < 5, (stage, s)
+            assert s["s"] == pytest.approx(s["s_raw"] * s["drift"]) and 0.2 < s["drift"] < 5, (stage, s)
     assert prof.model["num_layers"] > 0 and prof.model["template_tokens"] > 0
     # the front end was measured on a running deployment: the gateway and the client cost CPU per token
     for who in ("gateway", "client"):
