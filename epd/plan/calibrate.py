@@ -60,9 +60,8 @@ def _median_samples(models: list[CostModel], stage: str) -> CostModel:
     for m in models:
         for s in m.samples:
             groups.setdefault((s.get("what"), tuple(sorted(s["x"].items()))), []).append(s)
-    own = ("s_raw", "drift", "window")  # one profile's measurement, not the merge's
-    samples = [{**{k: v for k, v in same[0].items() if k not in own}, "s": statistics.median(s["s"] for s in same),
-                "n_profiles": len(same)} for same in groups.values()]
+    samples = [{**same[0], "s": statistics.median(s["s"] for s in same), "n_profiles": len(same)}
+               for same in groups.values()]
     return CostModel.fitted(stage, samples)
 
 

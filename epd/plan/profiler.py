@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import io
 import os
-import time
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
@@ -62,9 +61,6 @@ PREFILL_IMAGES = (1, 2, 4)  # images (448²) in one prompt
 DECODE_BATCH = (1, 4, 16, 64)
 DECODE_CTX = (64, 512, 1024)
 DECODE_MAX_TOKENS = 32768  # batch × context cap (KV pool size of the measurement)
-# the drift reference each stage is normalised by: the decode step is short and overhead-bound, the rest
-# compute-bound (a prefill normalised by a 64-token prefill of its own spread more than by the encode)
-REFERENCE_OF = {"encode": "encode", "image_decode": "encode", "prefill": "encode", "decode": "decode"}
 
 
 class Profiler:
@@ -96,9 +92,6 @@ class Profiler:
                                                           for s in ("encode", "image_decode", "prefill", "decode")}
         self.transfer_samples: list[dict] = []
         self.host: dict[str, float] = {}
-        self.drift = None  # DriftReference, made after the model loads
-        origin = time.perf_counter()
-        self._clock = lambda: time.perf_counter() - origin  # s since the profiler was made
 
     # -- plan of the measurements ---------------------------------------------------------
     def tasks(self) -> list[tuple[str, Callable[[], None]]]:
@@ -154,10 +147,7 @@ class Profiler:
             for label, fn in steps:
                 if bar is not None:
                     bar.set_postfix_str(label)
-                t0 = self._clock()
                 fn()
-                self._mark((round(t0, 3), round(self._clock(), 3)))
-                self._draw(label)
                 if bar is not None:
                     bar.update(1)
         finally:
@@ -165,31 +155,6 @@ class Profiler:
             if bar is not None:
                 bar.close()
         return self.profile()
-
-    # -- drift reference (epd.plan.drift) ---------------------------------------------------
-    def _mark(self, window: tuple[float, float]) -> None:
-        """Stamp the stage samples the last task appended with its time window."""
-        for per in self.samples.values():
-            for got in per.values():
-                for s in got:
-                    if "window" not in s and "s_raw" not in s:
-                        s["window"] = window
-
-    def _draw(self, label: str) -> None:
-        """Reference draws after a task: the first after loading (one warm-up, not kept), one
-        after each stage sample, three after each of the later phases (transfer, host, front end,
-        parallel), so the level spans the whole profile."""
-        from epd.plan.drift import DriftReference, reference_units
-
-        self._set(1)
-        if self.drift is None:
-            self.drift = DriftReference(reference_units(self.adapter, self.runner, self.images[(224, 224)][0],
-                                                        self.gen, self.dtype), clock=self._clock)
-            self.drift.draw()
-            self.drift.draws = {k: [] for k in self.drift.units}
-            self.drift.draw()
-        else:
-            self.drift.draw(1 if label.split()[0] in ("encode", "jpeg", "prefill", "decode") else 3)
 
     # -- stages ---------------------------------------------------------------------------
     def _load(self) -> None:
@@ -365,15 +330,10 @@ class Profiler:
             mem = 0
         from epd.cores import usable_cores
 
-        if self.drift is not None:  # each sample to the whole profile's speed (epd.plan.drift)
-            for stage, per in self.samples.items():
-                for got in per.values():
-                    self.drift.normalise(REFERENCE_OF[stage], got)
         stages = {s: {t: CostModel.fitted(s, per[t]) for t in self.threads} for s, per in self.samples.items()}
         prof = Profile(
             device={"kind": "cpu", "name": cpu_name(), "cores": usable_cores(), "memory_bytes": mem,
                     **getattr(self, "parallel", {}),
-                    **({"drift": self.drift.summary()} if self.drift is not None else {}),
                     **({"front_end": self.front_end_runs} if hasattr(self, "front_end_runs") else {})},
             model={"name": self.model_dir.name, "path": str(self.model_dir.resolve()), "num_layers": a.num_layers,
                    "hidden_size": a.hidden_size, "num_kv_heads": a.num_kv_heads, "head_dim": a.head_dim,

@@ -29,12 +29,6 @@ def test_profile_then_plan_on_the_tiny_model(tiny_model, tmp_path):
         assert model.samples and all(s["s"] > 0 for s in model.samples)
         assert all(v >= 0 for v in model.coef.values())
     assert prof.transfer.samples and prof.host["hop_s"] > 0 and prof.host["token_s"] > 0
-    # every stage sample was normalised to the profile's drift reference, drawn over the whole profile
-    drift = raw["device"]["drift"]
-    assert set(drift) == {"encode", "decode"} and all(d["draws"] >= 10 for d in drift.values())
-    for stage in STAGES:
-        for s in prof.stages[stage][1].samples:
-            assert s["s"] == pytest.approx(s["s_raw"] * s["drift"]) and 0.2 < s["drift"] < 5, (stage, s)
     assert prof.model["num_layers"] > 0 and prof.model["template_tokens"] > 0
     # the front end was measured on a running deployment: the gateway and the client cost CPU per token
     for who in ("gateway", "client"):
