@@ -1,9 +1,10 @@
 """A profile's deployment-probe figures applied to it, and several profiles merged into one.
 
 :func:`apply_probe` turns the runs :mod:`epd.plan.frontend` stored in a profile
-(``device.front_end``) into what the simulator reads: the services' overheads against the
-profile's fitted costs (``host.service``) and the encoder's factor beside the decode measured on
-the served loops (``device.slowdown``). ``epd profile`` calls it after fitting, ``--refit``
+(``device.front_end``) into what the simulator reads: the decode costs' level between the
+engine's samples and the served steps (``device.decode_level``), the services' overheads against
+the profile's fitted costs (``host.service``) and the encoder's factor beside the decode measured
+on the served loops (``device.slowdown``). ``epd profile`` calls it after fitting, ``--refit``
 after fitting again, and :func:`merge` after merging.
 
 :func:`merge` (``epd profile --merge A.json B.json … --out M.json``) is for a host whose speed
@@ -17,6 +18,7 @@ for every measurement the profiles share, the median over them, the way ``plan_v
 
 from __future__ import annotations
 
+import math
 import statistics
 from dataclasses import replace
 
@@ -24,8 +26,9 @@ from epd.plan.profile import CostModel, Profile, ProfileError
 
 
 def apply_probe(prof: Profile) -> Profile:
-    """``prof`` with ``host.service`` derived again from its stored deployment-probe runs against
-    its fitted costs, and (when the encoder's forwards were read) the encode-by-decode factor
+    """``prof`` with its decode costs set between its samples and the served steps
+    (:func:`_decode_level`), ``host.service`` derived again from its stored deployment-probe runs
+    against its fitted costs, and (when the encoder's forwards were read) the encode-by-decode factor
     taken from them; the decode-by-encode gap the deployment showed is recorded under
     ``device.served_slowdown`` and not applied (:func:`epd.plan.frontend.decode_beside_encode`).
     A profile without probe runs is returned as it is.
@@ -40,6 +43,7 @@ def apply_probe(prof: Profile) -> Profile:
     cores = int(prof.device.get("cores", 1))
     threads = prof.nearest_threads(split_cores([("encoder",), ("prefill",), ("decode",)], cores)[2])
     prof = replace(prof, host=dict(prof.host), device=dict(prof.device))
+    prof = _decode_level(prof, runs, threads)
     prof.host["service"] = service_overheads(prof, runs, threads)
     slow = prof.device.get("slowdown")
     if "beside" in runs and slow:
@@ -54,6 +58,38 @@ def apply_probe(prof: Profile) -> Profile:
     return prof
 
 
+def _decode_level(prof: Profile, runs: dict, threads: int) -> Profile:
+    """``prof`` with every decode cost model (fitted again from its samples, so that applying this
+    twice changes nothing) scaled by √r, r the geometric mean over the probe's ``text_serial``
+    (batch 1) and ``text_many`` (batch ``TEXT_MANY[2]``) runs of the step the served decode timed
+    (``decode_step_ms``) ÷ the fitted step at the same batch and context (``threads``: the decode
+    process's). The engine's samples and the served steps are two draws of a speed that wanders
+    from one minute to the next (a one-request step's 10-second medians: 0.81–1.71 × its 5-minute
+    median on one VM); √r is their geometric mean. Recorded as ``device.decode_level``. A profile
+    without the served steps, or without samples, is returned as it is."""
+    from epd.plan.frontend import PROMPT_TOKENS, TEXT_MANY
+    from epd.plan.profile import decode_x
+
+    models = prof.stages["decode"]
+    if not all(m.samples for m in models.values()):
+        return prof
+    fresh = {t: CostModel.fitted("decode", m.samples) for t, m in models.items()}
+    logs = []
+    for name, batch in (("text_serial", 1), ("text_many", TEXT_MANY[2])):
+        run = runs.get(name) or {}
+        if run.get("decode_step_ms"):
+            out = run["tokens"] / max(1, run["requests"])
+            ctx = int(prof.model.get("template_tokens", 0) + PROMPT_TOKENS + out / 2)
+            logs.append(math.log(run["decode_step_ms"] / 1e3 / fresh[threads](decode_x(batch, ctx))))
+    if not logs:
+        return prof
+    r = math.exp(sum(logs) / len(logs))
+    scaled = {t: CostModel({k: v * math.sqrt(r) for k, v in m.coef.items()}, m.median_rel_err, m.samples)
+              for t, m in fresh.items()}
+    prof.device["decode_level"] = {"served_over_fit": r, "applied": math.sqrt(r)}
+    return replace(prof, stages={**prof.stages, "decode": scaled})
+
+
 def _median_samples(models: list[CostModel], stage: str) -> CostModel:
     """One model fitted to the median time of each sample (matched by ``what`` and features)."""
     groups: dict[tuple, list[dict]] = {}
@@ -65,9 +101,12 @@ def _median_samples(models: list[CostModel], stage: str) -> CostModel:
     return CostModel.fitted(stage, samples)
 
 
+SERVED_KEYS = ("encode_forward_ms", "decode_step_ms")  # the services' own logged times in a probe run
+
+
 def _median_runs(all_runs: list[dict]) -> dict:
     """The probe's workloads as :func:`apply_probe` reads them: each latency median
-    (``*_median_s``, ``encode_forward_ms``) the median over the profiles that have it, and, for a
+    (``*_median_s``, :data:`SERVED_KEYS`) the median over the profiles that have it, and, for a
     workload that counts its requests, the output tokens and JPEG bytes per request (the
     profiles' totals depend on how many times their version ran each workload, so they are not
     merged) with ``requests`` 1."""
@@ -78,7 +117,7 @@ def _median_runs(all_runs: list[dict]) -> dict:
         merged: dict = {"requests": 1} if counted else {}
         for key in ("tokens", "mbytes") if counted else ():
             merged[key] = statistics.median([h.get(key, 0.0) / h["requests"] for h in counted])
-        for key in {k for h in have for k in h if k.endswith("_median_s") or k == "encode_forward_ms"}:
+        for key in {k for h in have for k in h if k.endswith("_median_s") or k in SERVED_KEYS}:
             vals = [h[key] for h in have if isinstance(h.get(key), (int, float))]
             if vals:
                 merged[key] = statistics.median(vals)

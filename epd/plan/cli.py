@@ -166,6 +166,9 @@ def summary(prof) -> str:
                      f"per step + {1e6 * d['decode_token_s']:.0f} µs per request, prefill "
                      f"{1e3 * d['prefill_request_s']:.2f} ms per request, encode {1e3 * d['encode_image_s']:.2f} ms "
                      "per image")
+    if level := prof.device.get("decode_level"):
+        lines.append(f"  decode level (epd up probe): served steps ×{level['served_over_fit']:.2f} the samples' fit, "
+                     f"decode costs ×{level['applied']:.2f}")
     slow = prof.device.get("slowdown")
     if slow:
         lines.append("  beside another stage: " + ", ".join(

@@ -13,13 +13,18 @@ model           features (seconds per unit)                                 meas
 ``image_decode`` base, src_mpixels                                          PIL decode of the JPEG
 ``prefill``     base, requests, tokens (Σ n_i), tokens_sq (Σ n_i², M-tokens²), ``prompt_inputs`` +
                 images (feature scatter + M-RoPE positions per image)       ``Qwen2VLRunner.prefill``
-``decode``      base, batch, batch_ctx (B · longest context, k-tokens)       one continuous-batching step
+``decode``      base, multi (1 if B ≥ 2), batch, batch_ctx (B · longest       one continuous-batching step
+                context, k-tokens)
 ``transfer``    base, mbytes                                                one-sided write of N bytes
 =============== =========================================================== =====================
 
 ``patches_sq`` and ``tokens_sq`` carry attention's quadratic cost (per image in the ViT, per
 prompt in packed prefill); ``batch_ctx`` the decode step's KV gather, which pads every row to
-the longest context in the batch (``Qwen2VLRunner.decode``).
+the longest context in the batch (``Qwen2VLRunner.decode``); ``multi`` the step from one row to
+a batch: in float32 a lone request's linear layers run as matrix-vector products and a batch's
+as GEMMs, another kernel (mid, float32, a 2-vCPU AVX2 EPYC, context 64: 38.6 ms at batch 1,
+65.6 ms at 4, 90.2 ms at 16). In bf16 a lone request already runs as two rows and ``multi`` fits
+near 0. A profile written before ``multi`` existed loads with it at 0; ``--refit`` fits it.
 
 Schema (``"schema": "epd-profile/1"``)::
 
@@ -46,7 +51,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -60,7 +65,7 @@ FEATURES: dict[str, tuple[str, ...]] = {
     "encode": ("base", "images", "patches", "patches_sq", "src_mpixels"),
     "image_decode": ("base", "src_mpixels"),
     "prefill": ("base", "requests", "tokens", "tokens_sq", "images"),
-    "decode": ("base", "batch", "batch_ctx"),
+    "decode": ("base", "multi", "batch", "batch_ctx"),
     "transfer": ("base", "mbytes"),
 }
 STAGES = ("encode", "image_decode", "prefill", "decode")
@@ -92,8 +97,10 @@ def prefill_x(seq_lens: list[int], images: int = 0) -> dict[str, float]:
 
 
 def decode_x(batch: int, max_ctx: int) -> dict[str, float]:
-    """Features of one decode step of ``batch`` requests whose longest context is ``max_ctx`` tokens."""
-    return {"base": 1.0, "batch": float(batch), "batch_ctx": batch * max_ctx / 1e3}
+    """Features of one decode step of ``batch`` requests whose longest context is ``max_ctx`` tokens
+    (``multi``: 1 for a batch of two or more, see the module docstring)."""
+    return {"base": 1.0, "multi": 1.0 if batch >= 2 else 0.0, "batch": float(batch),
+            "batch_ctx": batch * max_ctx / 1e3}
 
 
 def transfer_x(nbytes: float) -> dict[str, float]:
@@ -124,8 +131,7 @@ def fit(features: tuple[str, ...], samples: list[dict]) -> tuple[dict[str, float
     y = np.array([s["s"] for s in samples], dtype=np.float64)
     w = 1.0 / np.maximum(y, 1e-9)
     coef, _ = nnls(x * w[:, None], y * w)
-    pred = x @ coef
-    rel = float(np.median(np.abs(pred - y) / y))
+    rel = float(np.median(np.abs(x @ coef - y) / y))
     return {f: float(c) for f, c in zip(features, coef, strict=True)}, rel
 
 
@@ -145,6 +151,8 @@ class CostModel:
 
     @classmethod
     def fitted(cls, stage: str, samples: list[dict]) -> CostModel:
+        if stage == "decode":  # samples stored before ``multi`` existed: it follows from their batch
+            samples = [{**s, "x": {"multi": float(s["x"]["batch"] >= 2), **s["x"]}} for s in samples]
         coef, err = fit(FEATURES[stage], samples)
         return cls(coef, err, samples)
 
@@ -246,8 +254,6 @@ class Profile:
         def again(stage: str, m: CostModel) -> CostModel:
             return CostModel.fitted(stage, m.samples) if m.samples else m
 
-        from dataclasses import replace
-
         stages = {s: {t: again(s, m) for t, m in per.items()} for s, per in self.stages.items()}
         return replace(self, stages=stages, transfer=again("transfer", self.transfer))
 
@@ -309,8 +315,8 @@ class Profile:
         return cls(device=device, model=model, dtype=need(raw, "dtype", str, ""), dtype_bytes=dtype_bytes,
                    threads=sorted(threads), transfer_backend=str(raw.get("transfer_backend", "")), stages=stages,
                    transfer=transfer, host={**{k: float(host[k]) for k in HOST_KEYS}, **fronts},
-                   seed=int(raw.get("seed", 0)),
-                   created=str(raw.get("created", "")), scale=raw.get("scale"), path=where)
+                   seed=int(raw.get("seed", 0)), created=str(raw.get("created", "")), scale=raw.get("scale"),
+                   path=where)
 
     @classmethod
     def load(cls, path: str | Path) -> Profile:
@@ -345,14 +351,14 @@ class Profile:
                       threads=self.threads, transfer_backend=self.transfer_backend, stages=stages,
                       transfer=mul(self.transfer, factors.get("transfer", 1.0)), host=host, seed=self.seed,
                       created=self.created, scale={"source": source, "factors": factors, "note": note})
-        fields.update(overrides)
-        return Profile(**fields)
+        return Profile(**{**fields, **overrides})
 
 
 def _model(entry: dict, stage: str, ctx: str, where: str) -> CostModel:
     coef = entry.get("coef")
     if not isinstance(coef, dict):
         raise ProfileError(f"{where}: missing field {ctx}.coef")
+    coef = {"multi": 0.0, **coef} if stage == "decode" else coef  # a profile from before ``multi``
     for f in FEATURES[stage]:
         v = coef.get(f)
         if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
@@ -377,8 +383,7 @@ def check_target(prof: Profile, model_dir: str | Path | None = None, device: str
             cfg = json.loads((path / "config.json").read_text())
         except (OSError, ValueError) as exc:
             raise ProfileError(f"--model {model_dir}: not a model directory ({exc})") from None
-        text = cfg.get("text_config", cfg)
-        vision = cfg.get("vision_config", {})
+        text, vision = cfg.get("text_config", cfg), cfg.get("vision_config", {})
         want = {"num_layers": text.get("num_hidden_layers"), "hidden_size": text.get("hidden_size"),
                 "num_kv_heads": text.get("num_key_value_heads"),
                 "vision_hidden": vision.get("embed_dim", vision.get("hidden_size"))}

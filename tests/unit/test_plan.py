@@ -430,3 +430,24 @@ def test_profile_refit_command(tmp_path, capsys):
     with pytest.raises(SystemExit) as bad:
         main(["profile", "--refit", str(tmp_path / "missing.json"), "--out", str(tmp_path / "x.json")])
     assert bad.value.code == 2
+
+
+def test_decode_fit_separates_a_lone_request_from_a_batch():
+    """float32 decode on a 2-vCPU AVX2 EPYC (docs/plan/profile-mid-avx2.json, samples stored
+    without ``multi``): batch 1 runs matrix-vector products, a batch GEMMs. Refitting backfills
+    ``multi`` from each sample's batch and fits them closer; a profile without the coefficient
+    loads with it at 0, its costs unchanged."""
+    from epd.plan.profile import CostModel
+
+    raw = json.loads((Path(__file__).resolve().parents[2] / "docs/plan/profile-mid-avx2.json").read_text())
+    for t in ("1", "2"):
+        stored = raw["stages"]["decode"][t]
+        assert "multi" not in stored["coef"] and all("multi" not in s["x"] for s in stored["samples"])
+        old = Profile.from_json(raw, "mid").stages["decode"][int(t)]
+        assert old.coef["multi"] == 0.0
+        assert old(decode_x(4, 512)) == pytest.approx(sum(v * decode_x(4, 512).get(k, 0.0)
+                                                          for k, v in stored["coef"].items()))
+        new = CostModel.fitted("decode", stored["samples"])
+        assert new.coef["multi"] > 0.005 and new.median_rel_err < stored["median_rel_err"]
+    assert CostModel.fitted("decode", [{"x": decode_x(b, 64), "s": 0.01 + 0.001 * b}
+                                       for b in (1, 2, 4, 8)]).coef["multi"] == pytest.approx(0.0, abs=1e-9)

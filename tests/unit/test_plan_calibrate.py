@@ -84,3 +84,24 @@ def test_cli_merge_writes_a_profile_or_exits_2(tmp_path, capsys):
     with pytest.raises(SystemExit) as done:
         main(["profile", "--merge", paths[0], "--out", str(tmp_path / "m1.json")])
     assert done.value.code == 2 and "at least two" in capsys.readouterr().err
+
+
+def test_decode_level_sits_between_the_samples_and_the_served_steps():
+    """A float32 mid profile whose deployment probe timed the served decode step at 0.73 × (batch 1)
+    and 1.04 × (batch 4) its engine fit: the decode costs move by the square root of their
+    geometric mean, from the samples every time (applying it twice changes nothing); served steps
+    equal to the fit move nothing."""
+    raw = json.loads((SRC.parent / "profile-mid-avx2.json").read_text())
+    prof = Profile.from_json(raw, "mid")
+    once = apply_probe(prof.refitted())
+    level = once.device["decode_level"]
+    assert 0.7 < level["served_over_fit"] < 1.0
+    assert level["applied"] == pytest.approx(level["served_over_fit"] ** 0.5)
+    for t, model in prof.stages["decode"].items():
+        fresh = CostModel.fitted("decode", model.samples).coef
+        assert once.stages["decode"][t].coef == pytest.approx({k: v * level["applied"] for k, v in fresh.items()})
+        assert apply_probe(once).stages["decode"][t].coef == pytest.approx(once.stages["decode"][t].coef)
+    even = copy.deepcopy(raw)
+    for name in ("text_serial", "text_many"):
+        even["device"]["front_end"]["runs"][name]["decode_step_ms"] /= level["served_over_fit"]
+    assert apply_probe(Profile.from_json(even, "even")).device["decode_level"]["applied"] == pytest.approx(1.0)
