@@ -67,20 +67,14 @@ def _decode_level(prof: Profile, runs: dict, threads: int) -> Profile:
     from one minute to the next (a one-request step's 10-second medians: 0.81–1.71 × its 5-minute
     median on one VM); √r is their geometric mean. Recorded as ``device.decode_level``. A profile
     without the served steps, or without samples, is returned as it is."""
-    from epd.plan.frontend import PROMPT_TOKENS, TEXT_MANY
-    from epd.plan.profile import decode_x
+    from epd.plan.frontend import decode_points
 
     models = prof.stages["decode"]
     if not all(m.samples for m in models.values()):
         return prof
     fresh = {t: CostModel.fitted("decode", m.samples) for t, m in models.items()}
-    logs = []
-    for name, batch in (("text_serial", 1), ("text_many", TEXT_MANY[2])):
-        run = runs.get(name) or {}
-        if run.get("decode_step_ms"):
-            out = run["tokens"] / max(1, run["requests"])
-            ctx = int(prof.model.get("template_tokens", 0) + PROMPT_TOKENS + out / 2)
-            logs.append(math.log(run["decode_step_ms"] / 1e3 / fresh[threads](decode_x(batch, ctx))))
+    logs = [math.log(run["decode_step_ms"] / 1e3 / fresh[threads](x))
+            for _, run, x in decode_points(prof, runs) if run.get("decode_step_ms")]
     if not logs:
         return prof
     r = math.exp(sum(logs) / len(logs))

@@ -258,6 +258,18 @@ def _probe_workload(prof, kind: tuple[int, int, int], run: dict, images: bool):
     return SimWorkload(reqs, "front-end probe", float("inf"), 1.0, 0, conc)
 
 
+def decode_points(prof, runs: dict[str, dict]):
+    """``(run name, run, decode_x features)`` of the probe's two decode streams: ``text_serial`` at
+    batch 1 and ``text_many`` at batch ``TEXT_MANY[2]``, each at the context its requests had
+    half-way through their output."""
+    from epd.plan.profile import decode_x
+
+    for name, batch in (("text_serial", 1), ("text_many", TEXT_MANY[2])):
+        run = runs.get(name) or {}
+        out = run.get("tokens", 0) / max(1, run.get("requests", 1))
+        yield name, run, decode_x(batch, int(prof.model.get("template_tokens", 0) + PROMPT_TOKENS + out / 2))
+
+
 def service_overheads(prof, runs: dict[str, dict], threads: int) -> dict[str, float]:
     """What the services spend beyond the engine's work, from the probe's runs on ``epd up``:
 
@@ -282,16 +294,12 @@ def service_overheads(prof, runs: dict[str, dict], threads: int) -> dict[str, fl
     from dataclasses import replace
 
     from epd.plan.deployment import Deployment
-    from epd.plan.profile import decode_x
     from epd.plan.sim import simulate
 
     over = []
-    for name, batch in (("text_serial", 1), ("text_many", TEXT_MANY[2])):
-        run = runs[name]
-        out = run["tokens"] / max(1, run["requests"])
-        ctx = int(prof.model.get("template_tokens", 0) + PROMPT_TOKENS + out / 2)
+    for _, run, x in decode_points(prof, runs):
         step = run["decode_step_ms"] / 1e3 if run.get("decode_step_ms") else prof.cost(
-            "decode", threads, decode_x(batch, ctx))  # the served step's own time when the probe read it
+            "decode", threads, x)  # the served step's own time when the probe read it
         over.append(max(0.0, run["itl_median_s"] - step))
     token = max(0.0, (over[1] - over[0]) / (TEXT_MANY[2] - 1))
     got = {"decode_step_s": max(0.0, over[0] - token), "decode_token_s": token, "prefill_request_s": 0.0,
