@@ -173,6 +173,8 @@ def summary(prof) -> str:
     if slow:
         lines.append("  beside another stage: " + ", ".join(
             f"{v} ×{s:.2f} by {a}" for v, row in slow.items() for a, s in row.items()))
+        if floor := prof.device.get("slowdown_source", {}).get("decode by encode"):
+            lines.append(f"  decode by encode: {floor}")
     return "\n".join(lines)
 
 

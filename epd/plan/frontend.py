@@ -200,12 +200,14 @@ def decode_beside_encode(runs: dict[str, dict]) -> float:
     """The decode's speed (≤ 1) while the encoder serves, as the deployment shows it: the stream's
     median inter-token latency alone (``text_serial``) ÷ beside the images (``beside``).
 
-    Recorded in the profile (``device.served_slowdown``), not applied: the gap beside the images
-    also holds the time-slicing with the gateway, the client and the prefill that the simulator
-    already shares the cores for, so applying it counts that twice. Measured on six tiny profiles
-    (0.59–0.75) against two 3-repeat sweeps, it put the simulated TPOT p50 10–95 % high, where the
-    bare duty-cycled pair's factor (:mod:`epd.plan.slowdown`) gave 4.5–48 % on the same
-    profiles.
+    Recorded in the profile (``device.served_slowdown``) and used only as a floor under the bare
+    pair's factor (:func:`epd.plan.calibrate.apply_probe`): the gap beside the images also holds
+    the time-slicing with the gateway, the client and the prefill that the simulator already
+    shares the cores for, so applying it as the factor counts that twice. Measured on six tiny
+    profiles (0.59–0.75) against two 3-repeat sweeps, it put the simulated TPOT p50 10–95 % high,
+    where the bare duty-cycled pair's factor (:mod:`epd.plan.slowdown`) gave 4.5–48 % on the same
+    profiles. A bare factor below the gap is a disturbed pair round: the pair's interference
+    alone cannot cost the decode more than the whole served gap.
 
     The images' TTFT beside the stream (kept in ``beside``) is not turned into an encoder factor
     either: it also holds the stream's front-end work and decode overhead; the encoder's own

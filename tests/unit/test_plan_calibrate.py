@@ -105,3 +105,23 @@ def test_decode_level_sits_between_the_samples_and_the_served_steps():
     for name in ("text_serial", "text_many"):
         even["device"]["front_end"]["runs"][name]["decode_step_ms"] /= level["served_over_fit"]
     assert apply_probe(Profile.from_json(even, "even")).device["decode_level"]["applied"] == pytest.approx(1.0)
+
+
+def test_the_served_gap_is_a_floor_under_a_disturbed_bare_pair():
+    """A tiny profile whose bare encode+decode pair round read the decode at ×0.63 beside the
+    encoder while the deployment's whole gap (pair interference and front-end time-slicing
+    together) was ×0.89: the factor becomes the gap, the source says so, applying it again changes
+    nothing, and a bare factor above the gap is kept as measured."""
+    raw = json.loads((SRC.parent / "profile-tiny-avx512-v7.json").read_text())
+    bare = raw["device"]["slowdown"]["decode"]["encode"]
+    once = apply_probe(Profile.from_json(raw, "v7"))
+    gap = once.device["served_slowdown"]["decode by encode"]
+    assert bare < 0.7 < 0.85 < gap < 1.0
+    assert once.device["slowdown"]["decode"]["encode"] == pytest.approx(gap)
+    assert "gap" in once.device["slowdown_source"]["decode by encode"]
+    assert apply_probe(once).device["slowdown"] == once.device["slowdown"]
+    calm = copy.deepcopy(raw)
+    calm["device"]["slowdown"]["decode"]["encode"] = 0.95
+    kept = apply_probe(Profile.from_json(calm, "calm")).device
+    assert kept["slowdown"]["decode"]["encode"] == pytest.approx(0.95)
+    assert "decode by encode" not in kept["slowdown_source"]
