@@ -54,9 +54,14 @@ def apply_probe(prof: Profile) -> Profile:
         prof.device["served_slowdown"] = {"decode by encode": gap}
         source = {"others": "bare processes, duty-cycled pairs"}
         slow = {victim: dict(row) for victim, row in slow.items()}
+        floor = (prof.device.get("slowdown_source") or {}).get("decode by encode")  # kept when re-applied
         if (bare := slow.get("decode", {}).get("encode", 1.0)) < gap:
             slow["decode"]["encode"] = gap  # the bare pair lost more than the whole served gap
-            source = {"decode by encode": f"epd up probe's gap (the bare pair read ×{bare:.2f})", **source}
+            floor = f"epd up probe's gap (the bare pair read ×{bare:.2f})"
+        elif bare > gap:
+            floor = None
+        if floor:
+            source = {"decode by encode": floor, **source}
         if (enc := encode_beside_decode(runs)) is not None:
             slow["encode"]["decode"] = enc
             source = {"encode by decode": "epd up probe (the encoder's logged forwards)", **source}
