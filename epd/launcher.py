@@ -13,6 +13,7 @@ Each service also exits by itself if the launcher dies (parent-death watch in ``
 
 from __future__ import annotations
 
+import http.client
 import json
 import logging
 import os
@@ -36,10 +37,26 @@ from epd.topology import Topology, from_counts, parse_topology
 logger = logging.getLogger(__name__)
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+ZMQ_RANDOM_PORTS = range(49152, 65536)  # where pyzmq's bind_to_random_port picks (its defaults)
+
+
+def free_port(host: str = "127.0.0.1", tries: int = 64) -> int:
+    """A TCP port on ``host`` that is free now, for a gateway or a Redis that binds it later.
+
+    The port is outside :data:`ZMQ_RANDOM_PORTS`, where the services' own ZeroMQ sockets pick
+    theirs: otherwise a service starting first could bind the port picked for the gateway, whose
+    ``/health`` would then answer with a ZMTP greeting. The kernel picks from
+    ``ip_local_port_range`` (32768–60999 by default); if none of ``tries`` picks falls below the
+    ZeroMQ range (a range set inside it), the last pick is returned.
+    """
+    port = 0
+    for _ in range(tries):
+        with socket.socket() as s:
+            s.bind((host, 0))
+            port = s.getsockname()[1]
+        if port not in ZMQ_RANDOM_PORTS:
+            return port
+    return port
 
 
 def default_model_dir(preset: str = "tiny", seed: int = 0) -> Path:
@@ -136,7 +153,7 @@ def gateway_ready(url: str, want: dict[str, int]) -> bool:
     try:
         with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
             counts = json.loads(resp.read())["instances"]
-    except (OSError, ValueError, KeyError):  # not listening yet, 503 while waiting, bad body
+    except (OSError, ValueError, KeyError, http.client.HTTPException):  # not listening yet, 503, bad body
         return False
     return all(counts.get(role, 0) >= n for role, n in want.items())
 

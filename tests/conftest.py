@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -30,9 +29,10 @@ def _redis_server_binary() -> str:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port outside ZeroMQ's random-port range (:func:`epd.launcher.free_port`)."""
+    from epd.launcher import free_port as _free
+
+    return _free()
 
 
 def start_redis(port: int, workdir: Path, *args: str) -> subprocess.Popen:
