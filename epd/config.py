@@ -53,6 +53,7 @@ class CommonConfig(_Base):
     model: Path = Field(description="model directory (HF layout: config.json, safetensors, tokenizer)")
     device: str = "cpu"
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16; auto is resolved here (epd.device.resolve_dtype)
+    batch_invariant: bool = False  # bf16/fp16 on CPU: fixed-row GEMMs, a request's tokens independent of its batch
     host: str = "127.0.0.1"  # address this instance binds and advertises
     port: int = Field(0, ge=0, le=65535)  # ZeroMQ inbox port; 0 = any free port
     instance_id: str = ""

@@ -64,7 +64,8 @@ def _shared_adapter(cfg: config.CommonConfig, roles: tuple[str, ...], classes: l
     from epd.device import torch_dtype
     from epd.models.qwen2_vl import Qwen2VLAdapter, role_parts
 
-    return Qwen2VLAdapter.load(cfg.model, dtype=torch_dtype(cfg.dtype), parts=role_parts(*sharing))
+    return Qwen2VLAdapter.load(cfg.model, dtype=torch_dtype(cfg.dtype), parts=role_parts(*sharing),
+                                batch_invariant=cfg.batch_invariant)
 
 
 def switched_instance_id(base: str, role: str, original: dict[str, str]) -> str:

@@ -6,10 +6,11 @@ and ``lm_head``), following ``Qwen2VLDecoderLayer.forward`` / ``Qwen2VLAttention
 pre-norm attention with GQA and biased q/k/v projections, M-RoPE (3-D positions,
 recomposed by ``Qwen2VLRotaryEmbedding``), SiLU-gated MLP.
 
-- :meth:`Qwen2VLRunner.prefill` packs several prompts into one token batch (no padding:
-  the GEMMs see all tokens at once, attention runs causally per prompt) and calls ``on_layer(layer, k, v)`` as soon as a
-  layer's K/V exist, so the caller can ship KV layer group by layer group while later layers
-  still compute (EPD-Serve §3.3).
+- :meth:`Qwen2VLRunner.prefill` packs several prompts into one token batch (no per-prompt
+  padding: the GEMMs see all tokens at once, attention runs causally per prompt; bf16 on a CPU
+  rounds the batch up to a row bucket, :mod:`epd.models.buckets`) and calls
+  ``on_layer(layer, k, v)`` as soon as a layer's K/V exist, so the caller can ship KV layer
+  group by layer group while later layers still compute (EPD-Serve §3.3).
 - :meth:`Qwen2VLRunner.decode` runs one token for every request of a batch against the KV
   block pool (``epd.engine.kv_pool`` layout), writing the new token's K/V into its slot
   first. A step touches only the blocks of the requests in it.
@@ -22,6 +23,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from epd.models.buckets import padded_rows
 from epd.models.qwen2_vl import Qwen2VLAdapter
 
 LayerCallback = Callable[[int, torch.Tensor, torch.Tensor], None]
@@ -112,14 +114,22 @@ class Qwen2VLRunner:
 
         Returns:
             ``[len(seq_lens), vocab]`` next-token logits at each prompt's last position.
+
+        In bfloat16/float16 on a CPU the GEMMs run on ``T`` rounded up to a row bucket
+        (:func:`epd.models.buckets.padded_rows`: zero rows, attended by nothing, dropped), so that
+        oneDNN generates kernels for a few dozen shapes instead of one per packed length.
         """
         bounds = [0, *torch.tensor(seq_lens).cumsum(0).tolist()]
+        real = embeds.shape[0]
+        if (pad := padded_rows(real, self.dtype, self.device) - real) > 0:  # bf16 on CPU: bucketed GEMM rows
+            embeds = torch.cat([embeds, embeds.new_zeros(pad, embeds.shape[1])])
+            positions = torch.cat([positions, positions.new_zeros(positions.shape[0], pad)], dim=1)
         cos, sin = self._cos_sin(embeds, positions)
         x = embeds
         for i, layer in enumerate(self.layers):
             q, k, v = self._qkv(layer, layer.input_layernorm(x), cos, sin)
             if on_layer is not None:
-                on_layer(i, k, v)
+                on_layer(i, k[:real], v[:real])
             # causal attention within each prompt: Σ n_i² work, not (Σ n_i)² with a block mask
             # (4-D inputs: with 3-D ones torch 2.13 takes its slow math path for GQA on CPU)
             out = torch.cat([
@@ -128,7 +138,7 @@ class Qwen2VLRunner:
                     is_causal=True, scale=self.scaling, enable_gqa=True,
                 )[0].transpose(0, 1)
                 for a, b in zip(bounds[:-1], bounds[1:], strict=True)
-            ])  # [T, heads, D]
+            ] + ([q.new_zeros(pad, *q.shape[1:])] if pad > 0 else []))  # [T (+ pad), heads, D]
             x = self._finish_layer(layer, x, out)
         last = torch.tensor(bounds[1:], device=self.device) - 1
         return self.lm_head(self.norm(x[last]))

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from epd.device import get_device
+from epd.models.buckets import INVARIANT_ROWS, make_batch_invariant, padded_rows
 from epd.models.geometry import ImageGeometry
 from epd.models.qwen2_vl_parts import ALL_PARTS, LANGUAGE, VISION, load_partial_model, role_parts
 from epd.models.weights import PartNotLoadedError
@@ -107,7 +108,8 @@ class Qwen2VLAdapter:
 
     @classmethod
     def load(
-        cls, model_dir: str | Path, dtype: torch.dtype = torch.float32, parts: Iterable[str] = ALL_PARTS
+        cls, model_dir: str | Path, dtype: torch.dtype = torch.float32, parts: Iterable[str] = ALL_PARTS,
+        batch_invariant: bool = False,
     ) -> Qwen2VLAdapter:
         """Load the weights of ``parts``, the image processor and token ids from a checkpoint directory.
 
@@ -123,6 +125,9 @@ class Qwen2VLAdapter:
             parts: ``"vision"`` (:meth:`encode`) and/or ``"language"`` (:meth:`prompt_inputs`,
                 :meth:`prefill`, :meth:`decode_step`, ``Qwen2VLRunner``); see :func:`role_parts`.
                 Default: both (the whole model, e.g. for ``generate()``).
+            batch_invariant: run every linear layer on fixed 64-row GEMMs where bf16/fp16 on a CPU
+                would otherwise round a row by the batch it is in (``EPD_BATCH_INVARIANT``;
+                :func:`epd.models.buckets.make_batch_invariant`).
 
         Raises:
             ValueError: an unknown or empty ``parts``; a checkpoint lacking a tensor of a part.
@@ -138,6 +143,8 @@ class Qwen2VLAdapter:
         config = Qwen2VLConfig.from_pretrained(model_dir)
         model, nbytes = load_partial_model(model_dir, config, parts, dtype, get_device())
         model.eval().requires_grad_(False)
+        if batch_invariant and (n := make_batch_invariant(model, dtype, model.device)):
+            log.info("EPD_BATCH_INVARIANT: %d linear layers run on fixed %d-row GEMMs", n, INVARIANT_ROWS)
         image_processor = AutoImageProcessor.from_pretrained(model_dir)
         eos = model.generation_config.eos_token_id
         if eos is None:
@@ -168,7 +175,9 @@ class Qwen2VLAdapter:
         """Image processor + vision tower + merger for a batch of images, in one vision forward.
 
         Follows ``Qwen2VLModel.get_image_features`` (variable-resolution ViT with per-image
-        attention via ``cu_seqlens``, then ``PatchMerger``; Qwen2-VL paper §2.1).
+        attention via ``cu_seqlens``, then ``PatchMerger``; Qwen2-VL paper §2.1). In
+        bfloat16/float16 on a CPU the batch's patches are padded to a row bucket with one extra
+        all-zero image whose features are dropped (:func:`epd.models.buckets.padded_rows`).
 
         Args:
             images: PIL images, any size with aspect ratio ≤ 200 (converted to RGB).
@@ -188,9 +197,15 @@ class Qwen2VLAdapter:
         inputs = self.image_processor(images=images, return_tensors="pt")
         pixel_values = inputs["pixel_values"].to(self.device, self.dtype)
         grid_thw = inputs["image_grid_thw"].to(self.device)
-        out = self.model.model.get_image_features(pixel_values, image_grid_thw=grid_thw, return_dict=True)
         grids = [tuple(int(x) for x in g) for g in grid_thw.tolist()]
-        return [(f.contiguous(), g) for f, g in zip(out.pooler_output, grids, strict=True)]
+        patches = pixel_values.shape[0]
+        if (pad := padded_rows(patches, self.dtype, self.device) - patches) > 0:
+            # bf16 on CPU: one more "image" of 2 x pad/2 zero patches (its own attention chunk, its
+            # features dropped) brings the GEMM rows to a bucket (epd.models.buckets)
+            pixel_values = torch.cat([pixel_values, pixel_values.new_zeros(pad, pixel_values.shape[1])])
+            grid_thw = torch.cat([grid_thw, grid_thw.new_tensor([[1, 2, pad // 2]])])
+        out = self.model.model.get_image_features(pixel_values, image_grid_thw=grid_thw, return_dict=True)
+        return [(f.contiguous(), g) for f, g in zip(out.pooler_output[: len(grids)], grids, strict=True)]
 
     # ----------------------------------------------------------------------------- prefill
 

@@ -29,7 +29,8 @@ logger = logging.getLogger(__name__)
 class DecodeProc(ServiceProc):
     def __init__(self, config: DecodeConfig, adapter: Qwen2VLAdapter | None = None) -> None:
         adapter = adapter or Qwen2VLAdapter.load(
-            config.model, dtype=torch_dtype(config.dtype), parts=role_parts("decode")
+            config.model, dtype=torch_dtype(config.dtype), parts=role_parts("decode"),
+            batch_invariant=config.batch_invariant,
         )
         per_block = KvLayout(
             adapter.num_layers, 1, config.kv_block_size, adapter.num_kv_heads, adapter.head_dim, config.dtype

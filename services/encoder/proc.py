@@ -30,7 +30,8 @@ class EncoderProc(ServiceProc):
         super().__init__(config, "encoder", config.feature_pool_mb << 20)
         self.cfg = config
         self.adapter = adapter or Qwen2VLAdapter.load(
-            config.model, dtype=torch_dtype(config.dtype), parts=role_parts("encoder")
+            config.model, dtype=torch_dtype(config.dtype), parts=role_parts("encoder"),
+            batch_invariant=config.batch_invariant,
         )
         self.engine = EncodeEngine(self.adapter, self.region.tensor, config.encoder_max_images,
                                    config.encoder_max_patches)

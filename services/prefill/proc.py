@@ -34,7 +34,8 @@ class PrefillProc(ServiceProc):
         super().__init__(config, "prefill", config.prefill_buffer_mb << 20)
         self.cfg = config
         self.adapter = adapter or Qwen2VLAdapter.load(
-            config.model, dtype=torch_dtype(config.dtype), parts=role_parts("prefill")
+            config.model, dtype=torch_dtype(config.dtype), parts=role_parts("prefill"),
+            batch_invariant=config.batch_invariant,
         )
         self.staging = RangeAllocator(self.region.nbytes)  # feature reads and KV staging share it
         self.engine = PrefillEngine(
