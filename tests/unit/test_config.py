@@ -39,7 +39,9 @@ def test_environment_is_read(monkeypatch, model_dir):
     monkeypatch.setenv("EPD_ROLES", "E,P")
     monkeypatch.setenv("EPD_ADMIN_PORT", "9000")
     cfg = load(config.EncoderConfig)
-    assert (cfg.roles, cfg.admin_port) == ("E,P", 9000)
+    assert (cfg.roles, cfg.admin_port, cfg.batch_invariant) == ("E,P", 9000, False)
+    monkeypatch.setenv("EPD_BATCH_INVARIANT", "1")
+    assert load(config.DecodeConfig).batch_invariant is True
 
 
 @pytest.mark.parametrize("field, value, variable", [

@@ -241,7 +241,7 @@ def test_colocated_host_loads_the_union_once(tiny_model):
 
         return [getattr(importlib.import_module(_PROCS[r][1]), _PROCS[r][2]) for r in roles]
 
-    cfg = SimpleNamespace(model=tiny_model, dtype="float32")
+    cfg = SimpleNamespace(model=tiny_model, dtype="float32", batch_invariant=False)
     assert _shared_adapter(cfg, ("encoder", "prefill"), classes(("encoder", "prefill"))).parts == {VISION, LANGUAGE}
     assert _shared_adapter(cfg, ("prefill", "decode"), classes(("prefill", "decode"))).parts == {LANGUAGE}
     assert _shared_adapter(cfg, ("decode",), classes(("decode",))) is None
