@@ -69,8 +69,9 @@ def make_batch_invariant(model: torch.nn.Module, dtype: torch.dtype, device: tor
     with others got different logits, and one of the four tiny-preset test requests different
     greedy tokens. Running every GEMM on exactly :data:`INVARIANT_ROWS` rows removes that (the
     approach of vLLM's ``VLLM_BATCH_INVARIANT`` and SGLang's deterministic inference: a fixed
-    split whatever the batch). It costs time (tiny, AMX, 1 thread: prefill ×1.8, encode ×1.3,
-    decode linears ×1.5) and is opt-in: ``EPD_BATCH_INVARIANT=1``.
+    split whatever the batch). It costs time (AMX, 1 thread, tiny and mid presets,
+    ``benchmarks/gemm_shapes.py``: prefill ×1.8–1.9, encode ×1.2–1.4, the decode's linears
+    ×1.4–1.7) and is opt-in: ``EPD_BATCH_INVARIANT=1``.
 
     Args:
         model: the loaded HF model (vision tower and/or language model).
