@@ -99,14 +99,14 @@ def test_bf16_row_buckets_pad_the_gemms_and_change_no_output(bf16_case, monkeypa
         logits = runner.prefill(embeds, positions, seq_lens, lambda _i, k, v: kv.append((k.clone(), v.clone())))
         return logits, kv, adapter.encode(pics)
 
-    real_rows = adapter.model.model.visual.patch_embed.proj.register_forward_hook(
+    rows: list[int] = []  # patches per vision forward, as the patch embedding saw them
+    hook = adapter.model.model.visual.patch_embed.proj.register_forward_hook(
         lambda _m, args, _out: rows.append(args[0].shape[0]))
-    rows: list[int] = []
     padded = run()
     monkeypatch.setattr(runner_mod, "padded_rows", lambda n, _dtype, _device: n)
     monkeypatch.setattr(adapter_mod, "padded_rows", lambda n, _dtype, _device: n)
     plain = run()
-    real_rows.remove()
+    hook.remove()
     patches = sum(g[0] * g[1] * g[2] for _, g in plain[2])
     assert padded_rows(sum(seq_lens), torch.bfloat16, torch.device("cpu")) > sum(seq_lens)
     assert rows == [padded_rows(patches, torch.bfloat16, torch.device("cpu")), patches] and rows[0] > rows[1]
