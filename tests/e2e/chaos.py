@@ -9,6 +9,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from epd.registry.registry import InstanceInfo, Registry
@@ -93,6 +94,33 @@ class ClientRequest(threading.Thread):
         self.join(timeout)
         assert not self.is_alive(), "client request still running"
         return self.out
+
+
+def results(reqs: list[ClientRequest], timeout: float, read_logs: Callable[[], dict[str, str]],
+            since: str = "") -> list[Outcome]:
+    """Every request's :class:`Outcome`, waiting at most ``timeout`` s in all.
+
+    Raises:
+        AssertionError: some are still running; the message names each wire request id the
+            gateway admitted at or after ``since`` (a log timestamp, ``YYYY-MM-DD HH:MM:SS``) that no
+            decode finished, with every line naming it of the logs ``read_logs()`` returns (service
+            name → log text).
+    """
+    deadline = time.monotonic() + timeout
+    for r in reqs:
+        r.join(max(0.0, deadline - time.monotonic()))
+    stuck = [i for i, r in enumerate(reqs) if r.is_alive()]
+    if not stuck:
+        return [r.out for r in reqs]
+    logs = read_logs()
+    admitted = [line.split("request ", 1)[1].split(":", 1)[0] for line in logs.get("gateway", "").splitlines()
+                if ": route " in line and line[:19] >= since]
+    finished = {rid for name, text in logs.items() if name.startswith("decode")
+                for rid in admitted if f"request {rid} finished" in text}
+    lines = [f"{name}: {line}" for rid in admitted if rid not in finished
+             for name, text in logs.items() for line in text.splitlines() if rid in line]
+    raise AssertionError(f"{len(stuck)} of {len(reqs)} requests still running after {timeout:g} s "
+                         f"(indices {stuck}); admitted, not finished by a decode:\n" + "\n".join(lines))
 
 
 def wait_for(pred, timeout: float, period: float = 0.1, what: str = "condition"):

@@ -32,7 +32,7 @@ from epd.wire.auth import Signer
 from epd.wire.gen import epd_pb2 as pb
 from epd.wire.sockets import Inbox, Outbox
 from tests.conftest import free_port, start_redis
-from tests.e2e.chaos import ClientRequest, instance, leaks, wait_for
+from tests.e2e.chaos import ClientRequest, instance, leaks, results, wait_for
 from tests.e2e.cluster import start_cluster
 from tests.e2e.http import user_message
 from tests.model_fixtures import sample_photos
@@ -188,6 +188,7 @@ def test_gateway_killed_mid_stream_then_restarted(cluster, hf):
 
 
 def test_redis_restart_under_traffic(cluster, redis_server, hf):
+    since = time.strftime("%Y-%m-%d %H:%M:%S")
     reqs = [ClientRequest(f"{cluster.url}/v1/chat/completions", _chat([], TEXT, 60, stream=bool(i % 2)))
             for i in range(6)]
     time.sleep(0.3)
@@ -196,7 +197,7 @@ def test_redis_restart_under_traffic(cluster, redis_server, hf):
     time.sleep(1.0)
     redis_server["proc"] = start_redis(redis_server["port"], redis_server["dir"])
     reqs += [ClientRequest(f"{cluster.url}/v1/chat/completions", _chat([], TEXT, 20)) for _ in range(4)]
-    outs = [r.result(90) for r in reqs]
+    outs = results(reqs, 90, lambda: {name: cluster.log(name) for name in cluster.procs}, since)
     assert [o.status for o in outs] == [200] * len(outs), [o.error for o in outs]
     assert all(o.error is None for o in outs)
     assert all(o.token_ids == hf([], TEXT, len(o.token_ids)) for o in outs)
