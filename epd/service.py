@@ -153,8 +153,8 @@ class ServiceProc:
         return False
 
     def drop_request(self, request_id: str, code: int, reason: str, peer: str = "") -> None:
-        """Free everything ``request_id`` holds here and tell the gateway (unless ``peer`` — the
-        instance or address that was lost — is the gateway itself). A no-op for an unknown id."""
+        """Free everything ``request_id`` holds here and tell the gateway (:meth:`fail`; ``peer``
+        is the instance or address that was lost). A no-op for an unknown id."""
 
     def on_step_error(self, exc: Exception) -> None:
         """A :meth:`step` raised: fail the requests that step was working on (default: log only)."""
@@ -165,9 +165,14 @@ class ServiceProc:
         self.outbox.send(address, msg, blobs)
 
     def fail(self, reply_to: str, request_id: str, code: int, message: str, peer: str = "") -> None:
+        """Log the failure and send ``RequestFailed`` to ``reply_to`` (the gateway, or for a KV
+        reservation the prefill), even when ``peer`` — the instance found lost — is that same
+        target: a peer that really is gone just does not receive it (the outbox reports it, and
+        the request is no longer here), while one only believed gone (a view not yet refreshed
+        after its restart, a registry restart that outlasted the grace) would otherwise wait on
+        the request until its deadline."""
         logger.warning("request %s failed: %s", request_id, message)
-        gateway = self.peers.ref_at(reply_to)
-        if reply_to and peer not in (reply_to, gateway.instance_id if gateway else None):  # not to the lost gateway
+        if reply_to:
             self.send(reply_to, pb.RequestFailed(request_id=request_id, code=code, message=message,
                                                  stage=self.role, peer=peer))
 
