@@ -4,7 +4,9 @@ The scenario behind it: a gateway restarts under the same instance id; a stage w
 still holds the old incarnation pins a new request to that old life; the next refresh declares
 the old life gone and the stage drops the request. Before, the stage then sent nothing, taking
 the lost peer for the gateway that would receive the message, and the live gateway's request
-hung until its deadline (seen as ``test_redis_restart_under_traffic`` timing out).
+waited until its deadline: one way to the "client request still running" that
+``test_redis_restart_under_traffic`` has shown now and then (not reproduced; the test now names
+the stuck request and its log lines when it happens).
 """
 
 from __future__ import annotations
